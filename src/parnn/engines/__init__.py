@@ -1,0 +1,68 @@
+"""Interchangeable training engines behind one small interface.
+
+An engine trains over a given sample order, in place on the model's flat parameter buffer:
+
+    engine.check(spec, optimizer, batch_size)          -> None, or ConfigError saying why not
+    engine.train_epoch(net, opt, X, T, order, batch_size) -> EpochStats
+
+X is (n, n_in) and T the (n, n_out) targets, both in the model's dtype; `order` is the part of
+the epoch's shuffled sample order to train on now (the training loop hands over an epoch in
+chunks, whole batches each, so it can show progress and checkpoint in between).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from parnn.errors import ConfigError
+
+
+@dataclass
+class EpochStats:
+    """Sums over the samples seen, so chunks and MPI ranks add up."""
+
+    loss_sum: float = 0.0   # summed per-sample loss, measured before each update
+    correct: int = 0        # samples whose prediction was right, before the update
+    n: int = 0
+
+    def __iadd__(self, other):
+        self.loss_sum += other.loss_sum
+        self.correct += other.correct
+        self.n += other.n
+        return self
+
+    @property
+    def loss(self):
+        return self.loss_sum / max(self.n, 1)
+
+    @property
+    def accuracy(self):
+        return self.correct / max(self.n, 1)
+
+
+# name -> (module, attribute); modules are imported on first use so that `--engine numpy`
+# never pays Numba's import and compile time.
+_REGISTRY = {
+    "numpy": ("parnn.engines.numpy", "ENGINE"),
+    "serial": ("parnn.engines.kernels", "SERIAL"),
+    "neuron": ("parnn.engines.kernels", "NEURON"),
+    "hogwild": ("parnn.engines.kernels", "HOGWILD"),
+    "batch": ("parnn.engines.batch", "ENGINE"),
+}
+
+
+def available():
+    """Engine names whose module is present."""
+    names = []
+    for name, (mod, _) in _REGISTRY.items():
+        if importlib.util.find_spec(mod) is not None:
+            names.append(name)
+    return names
+
+
+def get_engine(name):
+    if name not in _REGISTRY or importlib.util.find_spec(_REGISTRY[name][0]) is None:
+        raise ConfigError(f"unknown engine {name!r}: choose one of {', '.join(available())}")
+    mod, attr = _REGISTRY[name]
+    return getattr(importlib.import_module(mod), attr)

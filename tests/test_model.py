@@ -1,0 +1,135 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from parnn.errors import ConfigError
+from parnn.model import MLP, Spec, init_params, views
+
+COMBOS = [(h, o, l) for h, o, l in itertools.product(("tanh", "sigmoid", "relu"),
+                                                      ("tanh", "sigmoid", "softmax"),
+                                                      ("mse", "cross_entropy"))
+          if not (l == "cross_entropy" and o != "softmax")]
+
+
+def tiny_batch(spec, B=5, seed=1):
+    rng = np.random.default_rng(seed)
+    X = rng.random((B, spec.sizes[0]))
+    T = np.eye(spec.sizes[-1])[rng.integers(0, spec.sizes[-1], B)]
+    return X, T
+
+
+def mean_loss(net, X, T):
+    return net.backward(net.forward(X), T, np.empty_like(net.params)) / len(X)
+
+
+@pytest.mark.parametrize("hidden,output,loss", COMBOS)
+def test_gradient_matches_central_differences(hidden, output, loss):
+    spec = Spec((6, 5, 4, 3), hidden, output, loss, "float64")
+    net = MLP(spec, init="xavier", seed=3)
+    X, T = tiny_batch(spec)
+    grad = np.empty_like(net.params)
+    net.backward(net.forward(X), T, grad)
+    h = 1e-6
+    numeric = np.empty_like(grad)
+    for i in range(spec.n_params):
+        old = net.params[i]
+        net.params[i] = old + h
+        up = mean_loss(net, X, T)
+        net.params[i] = old - h
+        down = mean_loss(net, X, T)
+        net.params[i] = old
+        numeric[i] = (up - down) / (2 * h)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-8)
+
+
+def test_flat_buffer_views_share_memory():
+    spec = Spec((4, 3, 2))
+    net = MLP(spec)
+    assert net.params.shape == (4 * 3 + 3 + 3 * 2 + 2,)
+    net.W[1][1, 2] = 42.0
+    net.b[0][2] = -7.0
+    assert net.params[4 * 3 + 3 + 1 * 3 + 2] == 42.0
+    assert net.params[4 * 3 + 2] == -7.0
+    for W, b in zip(net.W, net.b):
+        assert np.shares_memory(W, net.params) and np.shares_memory(b, net.params)
+
+
+def test_one_sgd_step_by_hand():
+    """784-free toy: 2 inputs, 2 hidden tanh, 1 tanh output, MSE, lr 0.5, worked out by hand."""
+    spec = Spec((2, 2, 1), "tanh", "tanh", "mse")
+    p = np.array([0.1, 0.2, -0.3, 0.4,   # W0 rows: neuron 0, neuron 1
+                  0.0, 0.1,              # b0
+                  0.5, -0.6,             # W1
+                  0.2])                  # b1
+    net = MLP(spec, p.copy())
+    x = np.array([[1.0, 2.0]])
+    t = np.array([[1.0]])
+    lr = 0.5
+    # forward
+    h = np.tanh([0.1 * 1 + 0.2 * 2 + 0.0, -0.3 * 1 + 0.4 * 2 + 0.1])
+    o = np.tanh(0.5 * h[0] - 0.6 * h[1] + 0.2)
+    # errors (paper's Algorithms 2 and 3, sign: gradient of the loss)
+    e_out = (o - 1.0) * (1 - o * o)
+    e_h = np.array([e_out * 0.5, e_out * -0.6]) * (1 - h * h)
+    # update: W_jk -= lr * err_j * a_prev_k (the activation, not the paper's prev error)
+    expect = p.copy()
+    expect[0:2] -= lr * e_h[0] * x[0]
+    expect[2:4] -= lr * e_h[1] * x[0]
+    expect[4:6] -= lr * e_h
+    expect[6:8] -= lr * e_out * h
+    expect[8] -= lr * e_out
+    grad = np.empty_like(p)
+    net.backward(net.forward(x), t, grad)
+    net.params -= lr * grad
+    np.testing.assert_allclose(net.params, expect, rtol=1e-14)
+
+
+def test_same_seed_same_weights_different_seed_different():
+    spec = Spec((20, 8, 4))
+    for scheme in ("paper", "xavier", "he"):
+        a, b = init_params(spec, scheme, 7), init_params(spec, scheme, 7)
+        assert np.array_equal(a, b)
+        assert not np.array_equal(a, init_params(spec, scheme, 8))
+
+
+def test_init_ranges():
+    spec = Spec((100, 50, 10))
+    p = init_params(spec, "paper", 0)
+    assert p.min() >= 0 and p.max() < 1
+    Ws, bs = views(spec, init_params(spec, "xavier", 0))
+    r = np.sqrt(6 / 150)
+    assert np.abs(Ws[0]).max() <= r and np.abs(Ws[0]).max() > 0.9 * r and not bs[0].any()
+
+
+def test_paper_init_saturates_tanh_and_never_learns():
+    spec = Spec((784, 256, 128, 10))
+    net = MLP(spec, init="paper", seed=1)
+    X, T = tiny_batch(spec, B=8)
+    acts = net.forward(X)
+    assert np.all(acts[-1] == 1.0)
+    grad = np.empty_like(net.params)
+    net.backward(acts, T, grad)
+    assert not grad.any()
+
+
+def test_float32_network_stays_float32():
+    spec = Spec((6, 4, 3), "relu", "softmax", "cross_entropy", "float32")
+    net = MLP(spec, init="he")
+    X, T = tiny_batch(spec)
+    acts = net.forward(X.astype(np.float32))
+    assert all(a.dtype == np.float32 for a in acts[1:])
+    np.testing.assert_allclose(acts[-1].sum(1), 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs,words", [
+    (dict(sizes=(784, 0, 10)), "sizes must be >= 1"),
+    (dict(hidden="gelu"), "tanh, sigmoid, relu"),
+    (dict(output="relu"), "tanh, sigmoid, softmax"),
+    (dict(loss="hinge"), "mse, cross_entropy"),
+    (dict(dtype="float16"), "float32, float64"),
+    (dict(output="tanh", loss="cross_entropy"), "needs output softmax"),
+])
+def test_spec_refuses_bad_settings(kwargs, words):
+    with pytest.raises(ConfigError, match=words):
+        Spec(**kwargs)
