@@ -13,6 +13,7 @@ chunks, whole batches each, so it can show progress and checkpoint in between).
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from dataclasses import dataclass
 
 from parnn.errors import ConfigError

@@ -1,0 +1,534 @@
+"""Find, fetch, verify and load Fashion-MNIST (and MNIST).
+
+Formats: the four IDX files (gzipped or not) and the Kaggle CSV pair.
+Every problem a user can cause is a one-line DataError naming the file.
+This module knows nothing of models: it hands out arrays.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import math
+import os
+import tempfile
+import urllib.error
+import urllib.request
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from http.client import HTTPException
+from pathlib import Path
+
+import numpy as np
+
+from parnn.errors import ConfigError, DataError
+
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                   "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
+MNIST_CLASSES = tuple(str(d) for d in range(10))
+
+# The four IDX files in the order train-images, train-labels, test-images, test-labels.
+ROLES = ("train-images", "train-labels", "t10k-images", "t10k-labels")
+IDX_NAMES = {
+    "train-images": "train-images-idx3-ubyte",
+    "train-labels": "train-labels-idx1-ubyte",
+    "t10k-images": "t10k-images-idx3-ubyte",
+    "t10k-labels": "t10k-labels-idx1-ubyte",
+}
+
+# Overridable so tests do not depend on what the machine has installed.
+SYSTEM_DATASETS = Path("/usr/share/datasets")
+GZIP_MAGIC = b"\x1f\x8b"
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """What one IDX file must be. sha256_raw covers the uncompressed bytes, so any
+    re-gzipping (Debian's, the mirror's) verifies the same; sha256_gz covers the
+    published .gz exactly and is only used where no raw checksum is known."""
+
+    name: str
+    size: int | None = None  # uncompressed bytes
+    sha256_raw: str | None = None
+    sha256_gz: str | None = None
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    classes: tuple[str, ...]
+    mirror: str
+    files: dict[str, FileSpec]
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    # Measured on this project from the real files (Debian dataset-fashion-mnist).
+    "fashion-mnist": DatasetSpec(
+        FASHION_CLASSES,
+        "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",
+        {
+            "train-images": FileSpec(IDX_NAMES["train-images"], 47040016,
+                                     sha256_raw="c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+            "train-labels": FileSpec(IDX_NAMES["train-labels"], 60008,
+                                     sha256_raw="bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+            "t10k-images": FileSpec(IDX_NAMES["t10k-images"], 7840016,
+                                    sha256_raw="5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+            "t10k-labels": FileSpec(IDX_NAMES["t10k-labels"], 10008,
+                                    sha256_raw="0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+        },
+    ),
+    # Only the .gz checksums are published (tensorflow/datasets
+    # tensorflow_datasets/url_checksums/mnist.txt); no trusted raw values exist here,
+    # so an uncompressed MNIST file is loaded but reported as unverifiable.
+    "mnist": DatasetSpec(
+        MNIST_CLASSES,
+        "https://ossci-datasets.s3.amazonaws.com/mnist/",
+        {
+            "train-images": FileSpec(IDX_NAMES["train-images"], 47040016,
+                                     sha256_gz="440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+            "train-labels": FileSpec(IDX_NAMES["train-labels"], 60008,
+                                     sha256_gz="3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+            "t10k-images": FileSpec(IDX_NAMES["t10k-images"], 7840016,
+                                    sha256_gz="8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+            "t10k-labels": FileSpec(IDX_NAMES["t10k-labels"], 10008,
+                                    sha256_gz="f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+        },
+    ),
+}
+
+
+def _spec(dataset: str) -> DatasetSpec:
+    try:
+        return DATASETS[dataset]
+    except KeyError:
+        raise ConfigError(f"unknown dataset {dataset!r}: choose one of {', '.join(sorted(DATASETS))}") from None
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's content, gunzipped if it starts with the gzip magic (names lie)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not data:
+        raise DataError(f"{path}: empty file")
+    if data[:2] == GZIP_MAGIC:
+        try:
+            data = gzip.decompress(data)
+        except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
+            raise DataError(f"{path}: damaged gzip data ({e or type(e).__name__})") from None
+        if not data:
+            raise DataError(f"{path}: empty file (after gunzip)")
+    return data
+
+
+def _parse_idx(path: Path, data: bytes, ndim: int | None = None) -> np.ndarray:
+    if len(data) < 4:
+        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
+    if data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] not in (1, 3):
+        magic = int.from_bytes(data[:4], "big")
+        raise DataError(f"{path}: not an IDX ubyte file (magic number {magic}, expected 2049 or 2051)")
+    nd = data[3]
+    if ndim is not None and nd != ndim:
+        want, got = ("an image file (magic 2051)", "a label file") if ndim == 3 else ("a label file (magic 2049)", "an image file")
+        raise DataError(f"{path}: expected {want} but this is {got}")
+    header = 4 + 4 * nd
+    if len(data) < header:
+        raise DataError(f"{path}: truncated header: {len(data)} bytes, need {header}")
+    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big", signed=True) for i in range(nd))
+    shape = "x".join(map(str, dims))
+    if any(d <= 0 for d in dims):
+        raise DataError(f"{path}: bad header: dimensions {shape} must be positive")
+    expected = math.prod(dims)  # Python ints: a hostile header cannot overflow
+    found = len(data) - header
+    if found != expected:
+        what = "truncated" if found < expected else f"{found - expected} trailing bytes"
+        raise DataError(f"{path}: {what}: header says {shape} ({expected} bytes) but found {found}")
+    # A copy so callers get an ordinary writable array, not a view of immutable bytes.
+    return np.frombuffer(data, np.uint8, count=expected, offset=header).reshape(dims).copy()
+
+
+def _read_idx_hashed(path: Path, ndim: int | None = None) -> tuple[np.ndarray, str]:
+    data = _read_bytes(path)
+    return _parse_idx(path, data, ndim), hashlib.sha256(data).hexdigest()
+
+
+def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
+    """Read one IDX ubyte file (gzipped or raw) as uint8; ndim=3 or 1 insists on images or labels."""
+    return _read_idx_hashed(Path(path), ndim)[0]
+
+
+def _check_labels(labels: np.ndarray, where: Path | str) -> None:
+    bad = np.flatnonzero(labels > 9)
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"label {int(labels[i])} at index {i} in {where}: labels must be 0..9")
+
+
+def _check_pair(images: np.ndarray, labels: np.ndarray, images_path, labels_path) -> None:
+    if images.shape[1:] != (28, 28):
+        raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+    if len(images) != len(labels):
+        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+    _check_labels(labels, labels_path)
+
+
+def load_pair(images: str | os.PathLike, labels: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read an images/labels IDX pair: (uint8 (n,28,28), uint8 (n,)), checked against each other."""
+    x, _ = _read_idx_hashed(Path(images), 3)
+    y, _ = _read_idx_hashed(Path(labels), 1)
+    _check_pair(x, y, images, labels)
+    return x, y
+
+
+def _csv_diagnose(path: Path) -> None:
+    """Slow row-by-row pass that finds the first bad line; only run once the fast parser failed."""
+    with open(path, newline="") as f:
+        for lineno, row in enumerate(csv.reader(f), start=1):
+            if lineno == 1 or not row:
+                continue
+            if len(row) != 785:
+                raise DataError(f"{path}: line {lineno} has {len(row)} columns, expected 785 (label + 784 pixels)")
+            for col, cell in enumerate(row, start=1):
+                try:
+                    v = int(cell)
+                except ValueError:
+                    raise DataError(f"{path}: line {lineno}, column {col}: {cell[:20]!r} is not an integer") from None
+                hi = 9 if col == 1 else 255
+                if not 0 <= v <= hi:
+                    what = "label" if col == 1 else "pixel"
+                    raise DataError(f"{path}: line {lineno}, column {col}: {what} {v} is outside 0..{hi}")
+
+
+def read_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """Read the Kaggle CSV (`label,pixel1..pixel784`): (images uint8 (n,28,28), labels uint8 (n,))."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
+    if not first.strip():
+        raise DataError(f"{path}: empty file")
+    head = first.decode("utf-8", "replace").strip().split(",")
+    if head[0].strip().strip('"') != "label":
+        raise DataError(f"{path}: missing header: expected 'label,pixel1,...,pixel784' on line 1")
+    if len(head) != 785:
+        raise DataError(f"{path}: header has {len(head)} columns, expected 785 (label + 784 pixels)")
+    try:
+        # numpy's C parser: 60k rows in about a second; int16 so -1 and 256 survive to the range check.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "no data": reported below as a DataError
+            table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int16, ndmin=2)
+    except (ValueError, OverflowError):
+        _csv_diagnose(path)
+        raise DataError(f"{path}: cannot parse as CSV") from None
+    if table.shape[0] == 0:
+        raise DataError(f"{path}: no data rows after the header")
+    if table.min() < 0 or table[:, 1:].max() > 255 or table[:, 0].max() > 9:
+        _csv_diagnose(path)
+        raise DataError(f"{path}: values out of range")
+    return table[:, 1:].astype(np.uint8).reshape(-1, 28, 28), table[:, 0].astype(np.uint8)
+
+
+# ---------------------------------------------------------------- finding data
+
+
+def cache_dir(dataset: str = "fashion-mnist") -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "parnn" / dataset
+
+
+def _csv_names(dataset: str) -> tuple[str, str]:
+    return f"{dataset}_train.csv", f"{dataset}_test.csv"
+
+
+def _idx_files(directory: Path) -> dict[str, Path] | None:
+    """The four IDX files in directory (gz name preferred, as that is what fetch writes), or None."""
+    found = {}
+    for role, name in IDX_NAMES.items():
+        for candidate in (directory / f"{name}.gz", directory / name):
+            if candidate.is_file():
+                found[role] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def _dataset_files(directory: Path, dataset: str) -> dict[str, Path] | None:
+    idx = _idx_files(directory)
+    if idx:
+        return idx
+    train, test = (directory / n for n in _csv_names(dataset))
+    if train.is_file() and test.is_file():
+        return {"train": train, "test": test}
+    return None
+
+
+def _what_is_missing(directory: Path, dataset: str) -> str:
+    missing = [f"{n}[.gz]" for n in IDX_NAMES.values()
+               if not (directory / n).is_file() and not (directory / f"{n}.gz").is_file()]
+    return (f"{directory}: no {dataset} data here: missing {', '.join(missing)} "
+            f"(or {' + '.join(_csv_names(dataset))})")
+
+
+def find_data_dir(dataset: str = "fashion-mnist", data_dir: str | os.PathLike | None = None) -> Path:
+    """Where the data is: data_dir, $PARNN_DATA (or its <dataset>/), /usr/share/datasets/<dataset>,
+    then $XDG_CACHE_HOME/parnn/<dataset>. A place the user named explicitly must hold the data:
+    we do not fall through to another copy behind their back."""
+    _spec(dataset)
+    explicit: list[tuple[str, Path]] = []
+    if data_dir is not None:
+        explicit.append(("data directory", Path(data_dir)))
+    elif os.environ.get("PARNN_DATA"):
+        explicit.append(("$PARNN_DATA", Path(os.environ["PARNN_DATA"])))
+    for label, d in explicit:
+        if not d.is_dir():
+            raise DataError(f"{d}: {label} does not exist" if not d.exists() else f"{d}: {label} is not a directory")
+        for candidate in (d / dataset, d):
+            if candidate.is_dir() and _dataset_files(candidate, dataset):
+                return candidate
+        raise DataError(_what_is_missing(d, dataset))
+    looked = [SYSTEM_DATASETS / dataset, cache_dir(dataset)]
+    for d in looked:
+        if d.is_dir() and _dataset_files(d, dataset):
+            return d
+    raise DataError(
+        f"no {dataset} data found (looked in {', '.join(map(str, looked))}; $PARNN_DATA is unset): "
+        f"run `parnn data fetch`"
+        + (" or `apt-get install dataset-fashion-mnist`" if dataset == "fashion-mnist" else "")
+        + ", or pass the directory")
+
+
+# ---------------------------------------------------------------- the dataset
+
+
+@dataclass
+class Dataset:
+    X_train: np.ndarray  # (n, 784) floats in [0, 1], C-contiguous
+    y_train: np.ndarray  # (n,) int64
+    X_test: np.ndarray
+    y_test: np.ndarray
+    class_names: tuple[str, ...]
+    name: str
+    source: Path
+    files: dict[str, Path] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)  # raw IDX bytes; the file itself for CSV
+
+    @property
+    def n_features(self) -> int:
+        return self.X_train.shape[1]
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _to_float(images: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    out = np.empty((len(images), 28 * 28), dtype=dtype)
+    # uint8 / float32-scalar computes in float32 (NEP 50): one pass, no float64 temporary.
+    np.divide(images.reshape(len(images), -1), dtype.type(255), out=out)
+    return out
+
+
+def _limit(n: int | None, what: str) -> int | None:
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {n!r}")
+    return int(n)
+
+
+def one_hot(y: np.ndarray, n_classes: int = 10, dtype="float32") -> np.ndarray:
+    y = np.asarray(y)
+    bad = np.flatnonzero((y < 0) | (y >= n_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"label {int(y[i])} at index {i}: labels must be 0..{n_classes - 1}")
+    out = np.zeros((len(y), n_classes), dtype=dtype)
+    out[np.arange(len(y)), y] = 1
+    return out
+
+
+def load_dataset(name: str = "fashion-mnist", data_dir: str | os.PathLike | None = None,
+                 dtype="float32", limit_train: int | None = None,
+                 limit_test: int | None = None) -> Dataset:
+    """Find and load a dataset; limit_* keep the first n samples of each split."""
+    spec = _spec(name)
+    dt = np.dtype(dtype)
+    if dt.kind != "f":
+        raise ConfigError(f"dtype must be a floating type, got {dt}")
+    limit_train, limit_test = _limit(limit_train, "limit_train"), _limit(limit_test, "limit_test")
+    source = find_data_dir(name, data_dir)
+    files = _dataset_files(source, name)
+    sha: dict[str, str] = {}
+    if "train" in files:  # Kaggle CSV
+        splits = []
+        for split in ("train", "test"):
+            x, y = read_csv(files[split])
+            sha[split] = _sha256_file(files[split])
+            splits.append((x, y))
+    else:
+        arrays = {}
+        for role in ROLES:
+            arrays[role], sha[role] = _read_idx_hashed(files[role], 3 if role.endswith("images") else 1)
+        splits = []
+        for prefix in ("train", "t10k"):
+            x, y = arrays[f"{prefix}-images"], arrays[f"{prefix}-labels"]
+            _check_pair(x, y, files[f"{prefix}-images"], files[f"{prefix}-labels"])
+            splits.append((x, y))
+    (xtr, ytr), (xte, yte) = splits
+    xtr, ytr, xte, yte = xtr[:limit_train], ytr[:limit_train], xte[:limit_test], yte[:limit_test]
+    return Dataset(
+        X_train=_to_float(xtr, dt), y_train=ytr.astype(np.int64),
+        X_test=_to_float(xte, dt), y_test=yte.astype(np.int64),
+        class_names=spec.classes, name=name, source=source, files=files, sha256=sha)
+
+
+# ---------------------------------------------------------------- checksums
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_file(path: Path, fs: FileSpec, raw_sha: str | None = None) -> tuple[bool | None, str, str | None]:
+    """(ok, actual, expected) for one file; ok is None when no checksum applies to this form of it."""
+    if fs.sha256_raw:
+        if raw_sha is None:
+            raw_sha = hashlib.sha256(_read_bytes(path)).hexdigest()
+        return raw_sha == fs.sha256_raw, raw_sha, fs.sha256_raw
+    if fs.sha256_gz and _is_gzip(path):
+        actual = _sha256_file(path)
+        return actual == fs.sha256_gz, actual, fs.sha256_gz
+    return None, raw_sha or hashlib.sha256(_read_bytes(path)).hexdigest(), None
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == GZIP_MAGIC
+
+
+def verify(data_dir: str | os.PathLike, dataset: str = "fashion-mnist") -> dict[str, dict]:
+    """Per file: {"path", "sha256", "expected", "ok"}; ok is None where no checksum is known
+    (the Kaggle CSVs; MNIST files stored uncompressed, as only .gz checksums are published)."""
+    spec, d = _spec(dataset), Path(data_dir)
+    files = _dataset_files(d, dataset)
+    if files is None:
+        raise DataError(_what_is_missing(d, dataset))
+    out = {}
+    for role, path in files.items():
+        if role in spec.files:
+            ok, actual, expected = _check_file(path, spec.files[role])
+        else:
+            ok, actual, expected = None, _sha256_file(path), None
+        out[role] = {"path": path, "sha256": actual, "expected": expected, "ok": ok}
+    return out
+
+
+def describe(ds: Dataset) -> str:
+    """Human-readable summary for `parnn data info`."""
+    spec = DATASETS.get(ds.name)
+    lines = [
+        f"dataset:  {ds.name}",
+        f"found in: {ds.source}",
+        f"train:    {len(ds.X_train)} samples x {ds.X_train.shape[1]} features ({ds.X_train.dtype})",
+        f"test:     {len(ds.X_test)} samples",
+        f"classes:  {', '.join(f'{i}={c}' for i, c in enumerate(ds.class_names))}",
+        "files:",
+    ]
+    all_ok = True
+    for role, path in ds.files.items():
+        fs = spec.files.get(role) if spec else None
+        ok = _check_file(path, fs, ds.sha256.get(role))[0] if fs else None
+        status = {True: "verified", False: "MISMATCH", None: "no known checksum"}[ok]
+        all_ok &= ok is not False
+        lines.append(f"  {path.name:<28} sha256 {ds.sha256.get(role, '?')}  {status}")
+    if not all_ok:
+        lines.append("warning: some files do not match the published checksums")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- downloading
+
+
+def _download(url: str, dest: Path, progress: bool) -> None:
+    from tqdm import tqdm
+
+    try:
+        with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
+                      disable=not progress, leave=False) as bar:
+                got = 0
+                while chunk := r.read(_CHUNK):
+                    f.write(chunk)
+                    got += len(chunk)
+                    bar.update(len(chunk))
+            if total is not None and got != total:
+                raise DataError(f"{url}: download cut short: {got} of {total} bytes")
+    except urllib.error.HTTPError as e:
+        raise DataError(f"{url}: download failed: HTTP {e.code} {e.reason}") from None
+    except urllib.error.URLError as e:
+        raise DataError(f"{url}: download failed: {e.reason}") from None
+    except (OSError, HTTPException, ValueError) as e:
+        raise DataError(f"{url}: download failed: {e or type(e).__name__}") from None
+
+
+def fetch(dataset: str = "fashion-mnist", dest: str | os.PathLike | None = None,
+          base_url: str | None = None, progress: bool = True) -> Path:
+    """Download the four .gz files into dest (default: the per-user cache), verifying each.
+
+    Each file lands in a temporary file beside its final name and is os.replace'd only once
+    its checksum matches, so a damaged download leaves nothing behind and a concurrent
+    reader never sees half a file. Files already present and verified are skipped.
+    """
+    spec = _spec(dataset)
+    dest = Path(dest) if dest is not None else cache_dir(dataset)
+    base_url = base_url or os.environ.get("PARNN_MIRROR") or spec.mirror
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{dest}: cannot create directory: {e.strerror or e}") from None
+    for role in ROLES:
+        fs = spec.files[role]
+        final = dest / f"{fs.name}.gz"
+        if final.is_file():
+            try:
+                if _check_file(final, fs)[0]:
+                    continue
+            except DataError:
+                pass
+            final.unlink()  # damaged or unverifiable: never leave a bad file behind
+        url = base_url.rstrip("/") + "/" + final.name
+        fd, tmp_name = tempfile.mkstemp(dir=dest, prefix=f".{final.name}.", suffix=".part")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            _download(url, tmp, progress)
+            ok, actual, expected = _check_file(tmp, fs)
+            if ok is not True:
+                raise DataError(f"{final.name} from {url}: checksum mismatch: expected sha256 {expected}, "
+                                f"got {actual}; nothing was kept")
+            os.replace(tmp, final)
+        except DataError as e:
+            # _check_file names the temp file; say which download it was instead.
+            msg = str(e).replace(str(tmp), f"{final.name} from {url}")
+            raise DataError(msg) from None
+        finally:
+            tmp.unlink(missing_ok=True)
+    return dest
