@@ -129,7 +129,7 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def _parse_idx(path: Path, data: bytes, ndim: int | None = None) -> np.ndarray:
+def _parse_idx(path: Path, data: bytes, ndim: int | None = None, copy: bool = True) -> np.ndarray:
     if len(data) < 4:
         raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
     if data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] not in (1, 3):
@@ -151,13 +151,15 @@ def _parse_idx(path: Path, data: bytes, ndim: int | None = None) -> np.ndarray:
     if found != expected:
         what = "truncated" if found < expected else f"{found - expected} trailing bytes"
         raise DataError(f"{path}: {what}: header says {shape} ({expected} bytes) but found {found}")
-    # A copy so callers get an ordinary writable array, not a view of immutable bytes.
-    return np.frombuffer(data, np.uint8, count=expected, offset=header).reshape(dims).copy()
+    # A copy so callers get an ordinary writable array, not a view of immutable bytes; the
+    # dataset loader, which only reads it once, takes the view (47 MB less at its peak).
+    view = np.frombuffer(data, np.uint8, count=expected, offset=header).reshape(dims)
+    return view.copy() if copy else view
 
 
-def _read_idx_hashed(path: Path, ndim: int | None = None) -> tuple[np.ndarray, str]:
+def _read_idx_hashed(path: Path, ndim: int | None = None, copy: bool = True) -> tuple[np.ndarray, str]:
     data = _read_bytes(path)
-    return _parse_idx(path, data, ndim), hashlib.sha256(data).hexdigest()
+    return _parse_idx(path, data, ndim, copy), hashlib.sha256(data).hexdigest()
 
 
 def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
@@ -190,21 +192,28 @@ def load_pair(images: str | os.PathLike, labels: str | os.PathLike) -> tuple[np.
 
 def _csv_diagnose(path: Path) -> None:
     """Slow row-by-row pass that finds the first bad line; only run once the fast parser failed."""
-    with open(path, newline="") as f:
-        for lineno, row in enumerate(csv.reader(f), start=1):
-            if lineno == 1 or not row:
-                continue
-            if len(row) != 785:
-                raise DataError(f"{path}: line {lineno} has {len(row)} columns, expected 785 (label + 784 pixels)")
-            for col, cell in enumerate(row, start=1):
-                try:
-                    v = int(cell)
-                except ValueError:
-                    raise DataError(f"{path}: line {lineno}, column {col}: {cell[:20]!r} is not an integer") from None
-                hi = 9 if col == 1 else 255
-                if not 0 <= v <= hi:
-                    what = "label" if col == 1 else "pixel"
-                    raise DataError(f"{path}: line {lineno}, column {col}: {what} {v} is outside 0..{hi}")
+    # errors="replace": a non-UTF-8 byte becomes U+FFFD and is reported as a bad cell below.
+    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+        try:
+            for lineno, row in enumerate(csv.reader(f), start=1):
+                if lineno > 1 and row:
+                    _csv_check_row(path, lineno, row)
+        except csv.Error as e:
+            raise DataError(f"{path}: not a readable CSV file ({e})") from None
+
+
+def _csv_check_row(path, lineno, row):
+    if len(row) != 785:
+        raise DataError(f"{path}: line {lineno} has {len(row)} columns, expected 785 (label + 784 pixels)")
+    for col, cell in enumerate(row, start=1):
+        try:
+            v = int(cell)
+        except ValueError:
+            raise DataError(f"{path}: line {lineno}, column {col}: {cell[:20]!r} is not an integer") from None
+        hi = 9 if col == 1 else 255
+        if not 0 <= v <= hi:
+            what = "label" if col == 1 else "pixel"
+            raise DataError(f"{path}: line {lineno}, column {col}: {what} {v} is outside 0..{hi}")
 
 
 def read_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -234,6 +243,9 @@ def read_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: cannot parse as CSV") from None
     if table.shape[0] == 0:
         raise DataError(f"{path}: no data rows after the header")
+    if table.shape[1] != 785:  # every row equally wrong, e.g. one truncated row
+        _csv_diagnose(path)
+        raise DataError(f"{path}: rows have {table.shape[1]} columns, expected 785")
     if table.min() < 0 or table[:, 1:].max() > 255 or table[:, 0].max() > 9:
         _csv_diagnose(path)
         raise DataError(f"{path}: values out of range")
@@ -372,27 +384,23 @@ def load_dataset(name: str = "fashion-mnist", data_dir: str | os.PathLike | None
     source = find_data_dir(name, data_dir)
     files = _dataset_files(source, name)
     sha: dict[str, str] = {}
-    if "train" in files:  # Kaggle CSV
-        splits = []
-        for split in ("train", "test"):
-            x, y = read_csv(files[split])
-            sha[split] = _sha256_file(files[split])
-            splits.append((x, y))
-    else:
-        arrays = {}
-        for role in ROLES:
-            arrays[role], sha[role] = _read_idx_hashed(files[role], 3 if role.endswith("images") else 1)
-        splits = []
-        for prefix in ("train", "t10k"):
-            x, y = arrays[f"{prefix}-images"], arrays[f"{prefix}-labels"]
-            _check_pair(x, y, files[f"{prefix}-images"], files[f"{prefix}-labels"])
-            splits.append((x, y))
-    (xtr, ytr), (xte, yte) = splits
-    xtr, ytr, xte, yte = xtr[:limit_train], ytr[:limit_train], xte[:limit_test], yte[:limit_test]
-    return Dataset(
-        X_train=_to_float(xtr, dt), y_train=ytr.astype(np.int64),
-        X_test=_to_float(xte, dt), y_test=yte.astype(np.int64),
-        class_names=spec.classes, name=name, source=source, files=files, sha256=sha)
+    # Each split becomes floats as soon as it is read, and its raw bytes are dropped before the
+    # next file is read: the peak is the float training set plus one raw file, not all of them.
+    splits = []
+    for csv_split, prefix, limit in (("train", "train", limit_train), ("test", "t10k", limit_test)):
+        if "train" in files:  # Kaggle CSV
+            x, y = read_csv(files[csv_split])
+            sha[csv_split] = _sha256_file(files[csv_split])
+        else:
+            images, labels = files[f"{prefix}-images"], files[f"{prefix}-labels"]
+            x, sha[f"{prefix}-images"] = _read_idx_hashed(images, 3, copy=False)
+            y, sha[f"{prefix}-labels"] = _read_idx_hashed(labels, 1)
+            _check_pair(x, y, images, labels)
+        splits.append((_to_float(x[:limit], dt), y[:limit].astype(np.int64)))
+        del x, y
+    (X_train, y_train), (X_test, y_test) = splits
+    return Dataset(X_train=X_train, y_train=y_train, X_test=X_test, y_test=y_test,
+                   class_names=spec.classes, name=name, source=source, files=files, sha256=sha)
 
 
 # ---------------------------------------------------------------- checksums

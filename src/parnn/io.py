@@ -12,7 +12,11 @@ run code). The header holds one key, "parnn", whose value is a JSON document:
      "meta": {...whatever the caller gave...},
      "params_sha256": "<hex>",                # model: SHA-256 of the little-endian params
      "members_sha256": ["<hex>", ...],        # ensemble: one per member
-     "sha256": "<hex>"}                       # checkpoint: see _arrays_sha256
+     "sha256": "<hex>",                       # checkpoint: see _arrays_sha256
+     "header_sha256": "<hex>"}                # all of the above (every key but this one)
+
+The header checksum makes a damaged spec, meta or class name as detectable as damaged
+parameters; files written before it existed have none and are read without it.
 
 Tensors: a model stores its flat buffer as "params"; an ensemble stores "member0.params",
 "member1.params", ... and ONE spec shared by all members (members of an ensemble are trained
@@ -146,8 +150,16 @@ def _arrays_sha256(arrays):
 
 # --- writing -------------------------------------------------------------------------------
 
+def _header_sha256(header):
+    return hashlib.sha256(_dumps({k: v for k, v in header.items()
+                                  if k != "header_sha256"}).encode()).hexdigest()
+
+
 def _write(path, tensors, header):
-    header = {"format": FORMAT, "writer": f"parnn {__version__}", **header}
+    # Hash the header as a reader will see it (JSON round trip: tuples become lists, NumPy
+    # scalars Python numbers, keys strings), so that any change to it is detected on reading.
+    header = json.loads(_dumps({"format": FORMAT, "writer": f"parnn {__version__}", **header}))
+    header["header_sha256"] = _header_sha256(header)
     # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,).
     data = safetensors.numpy.save({k: np.asarray(v, order="C") for k, v in tensors.items()},
                                   metadata={META_KEY: _dumps(header)})
@@ -222,6 +234,10 @@ def _read(path):
     if fmt > FORMAT:
         raise ModelFileError(f"{path}: written by a newer parnn (format {fmt}); "
                              f"this version reads format {FORMAT}")
+    # Files written before the header checksum existed have none; any file that has one must match.
+    if "header_sha256" in header and header["header_sha256"] != _header_sha256(header):
+        raise ModelFileError(f"{path}: the header does not match its checksum: "
+                             "the file is damaged or was modified")
     if not isinstance(header.get("meta", {}), dict):
         raise ModelFileError(f"{path}: 'meta' in the metadata is not a JSON object")
     return {k: v.copy() for k, v in tensors.items()}, header

@@ -7,6 +7,7 @@ in between), evaluate on the test set, record one history row.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -74,6 +75,10 @@ def make_config(preset=DEFAULT_PRESET, **overrides):
     values.update({k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**values)
     validate(cfg)
+    if overrides.get("momentum") is not None and cfg.optimizer != "momentum":
+        raise ConfigError(f"a momentum coefficient only applies to optimizer momentum "
+                          f"(the optimizer is {cfg.optimizer}): add --optimizer momentum "
+                          "or drop --momentum")
     return cfg
 
 
@@ -94,6 +99,8 @@ def validate(cfg, n_train=None):
         raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
     if cfg.threads < 1:
         raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
+    if cfg.seed < 0:
+        raise ConfigError(f"seed must be an integer >= 0, got {cfg.seed}")
     if cfg.batch_size != "full":
         if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
             raise ConfigError(f"batch size must be an integer >= 1 or 'full', got {cfg.batch_size!r}")
@@ -153,16 +160,37 @@ class Result:
     info: dict
 
 
-def chunk_size(engine, batch_size, n):
-    """Samples per engine call: whole batches, a few thousand samples, so progress moves."""
+@dataclass
+class Position:
+    """Where training is: with the parameters and optimizer state, all a checkpoint needs to
+    carry on bit for bit (see parnn.checkpoint)."""
+
+    epoch: int = 1                  # the epoch in progress; cfg.epochs + 1 once all are done
+    done: int = 0                   # samples of its order already trained (whole batches)
+    order_rng: dict | None = None   # the order RNG's state before it drew this epoch's order
+    stats: EpochStats = field(default_factory=EpochStats)  # sums over those `done` samples
+    seconds: float = 0.0            # training time spent on them
+    history: list = field(default_factory=list)
+
+
+def chunk_size(engine, batch_size, n, max_chunk=None):
+    """Samples per engine call: whole batches, a few thousand samples, so progress moves;
+    at most max_chunk (whole batches too) so a checkpoint every N steps lands on a boundary."""
     target = 2000 if batch_size == 1 else 8192
-    return min(n, max(batch_size, (target // batch_size) * batch_size))
+    size = min(n, max(batch_size, (target // batch_size) * batch_size))
+    return min(size, max_chunk) if max_chunk else size
 
 
-def fit(cfg, data, progress=True, log=print, on_chunk=None):
-    """Train a new network on data (a parnn.data.Dataset); returns a Result.
+def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, resume=None,
+        engine=None):
+    """Train a network on data (a parnn.data.Dataset); returns a Result.
 
-    on_chunk(epoch, done, net, opt) is called after every engine call (checkpoints, tests).
+    on_chunk(epoch, done, net, opt) is called after every engine call (tests).
+    checkpoints: a parnn.checkpoint.Checkpointer or None. It saves after every epoch and every
+    `checkpoints.every` optimizer steps, and turns SIGINT/SIGTERM into a checkpoint followed by
+    checkpoint.Interrupted.
+    resume: a parnn.checkpoint.Checkpoint to carry on from, bit for bit, instead of a new network.
+    engine: an engine object to use instead of cfg.engine's (parnn.distributed's allreduce).
     """
     from parnn.data import one_hot
 
@@ -173,61 +201,88 @@ def fit(cfg, data, progress=True, log=print, on_chunk=None):
     X = np.ascontiguousarray(data.X_train, dtype=spec.dtype)
     T = one_hot(data.y_train, spec.sizes[-1], spec.dtype)
     bs = batch_size_for(cfg, n_train)
-    engine = pick_engine(cfg, spec, n_train)
+    engine = pick_engine(cfg, spec, n_train) if engine is None else engine
     opt = make_optimizer(cfg.optimizer, spec.n_params, spec.dtype, cfg.lr, cfg.momentum)
     # The shuffle has its own stream (seed + 1, as in the C reference): the order never depends
     # on how many random numbers the init drew.
     order_rng = np.random.default_rng(cfg.seed + 1)
+    pos = resume.restore(net, opt, order_rng, n_train, bs) if resume is not None else Position()
+    max_chunk = checkpoints.every * bs if checkpoints is not None and checkpoints.every else None
+
+    def after_chunk(epoch, done, net, opt):
+        if on_chunk is not None:
+            on_chunk(epoch, done, net, opt)
+        if checkpoints is not None and done < n_train:  # the epoch's end is saved after its row
+            checkpoints.after_chunk(cfg, pos, net, opt)
+
     limits, info = set_threads(cfg.threads, engine)
     info["engine"] = engine.name
-    history = []
-    with limits:
+    watching = checkpoints.running(opt, pos, engine.name) if checkpoints is not None \
+        else contextlib.nullcontext()
+    # Overflow is reported as one DivergenceError after the chunk, not as NumPy warnings.
+    with limits, watching, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         log(f"parnn {__version__}: {spec.sizes} {spec.hidden}/{spec.output} {spec.loss} "
             f"{spec.dtype}, {cfg.optimizer} lr={cfg.lr} batch={bs}, engine {engine.name}, "
-            f"{cfg.threads} thread(s), {n_train} training samples")
-        for epoch in range(1, cfg.epochs + 1):
+            f"{cfg.threads} thread(s), {n_train} training samples"
+            + (f", resumed at epoch {pos.epoch} step {opt.t}" if resume is not None else ""))
+        for epoch in range(pos.epoch, cfg.epochs + 1):
+            # A resumed run restored this state, so it draws the same order again.
+            pos.order_rng = order_rng.bit_generator.state
             order = order_rng.permutation(n_train)
-            stats, seconds = run_epoch(engine, net, opt, X, T, order, bs, epoch, cfg, progress,
-                                       on_chunk)
+            try:
+                stats, seconds = run_epoch(engine, net, opt, X, T, order, bs, epoch, cfg,
+                                           progress, after_chunk, pos, max_chunk)
+            except DivergenceError as e:
+                note = checkpoints.kept() if checkpoints is not None else ""
+                raise DivergenceError(f"{e}{note}") from None
             if "threading_layer" in getattr(engine, "info", lambda: {})():
                 info["threading_layer"] = engine.info()["threading_layer"]
             test_acc = float(np.mean(net.predict(data.X_test.astype(spec.dtype, copy=False))
                                      == data.y_test)) if len(data.X_test) else float("nan")
             row = dict(epoch=epoch, loss=stats.loss, train_acc=stats.accuracy, test_acc=test_acc,
                        seconds=seconds, samples_per_s=stats.n / seconds if seconds else 0.0)
-            history.append(row)
+            pos.history.append(row)
             log(f"epoch {epoch}/{cfg.epochs}  loss {stats.loss:.4f}  train_acc {stats.accuracy:.4f}"
                 f"  test_acc {test_acc:.4f}  {seconds:.1f}s")
-    return Result(net, history, cfg, engine.name, info)
+            pos.epoch, pos.done, pos.stats, pos.seconds = epoch + 1, 0, EpochStats(), 0.0
+            pos.order_rng = order_rng.bit_generator.state
+            if checkpoints is not None:
+                checkpoints.after_epoch(cfg, pos, net, opt)
+    return Result(net, pos.history, cfg, engine.name, info)
 
 
-def run_epoch(engine, net, opt, X, T, order, bs, epoch, cfg, progress, on_chunk):
-    stats = EpochStats()
-    step = chunk_size(engine, bs, len(order))
-    bar = _progress_bar(len(order), epoch, cfg.epochs, progress)
-    t0 = time.perf_counter()
-    for start in range(0, len(order), step):
+def run_epoch(engine, net, opt, X, T, order, bs, epoch, cfg, progress, on_chunk, pos=None,
+              max_chunk=None):
+    """Train on `order` from pos.done on (0 unless resumed), in chunks of whole batches.
+
+    pos is kept current after every chunk, before on_chunk runs, so on_chunk can checkpoint."""
+    pos = pos if pos is not None else Position(epoch)
+    step = chunk_size(engine, bs, len(order), max_chunk)
+    bar = _progress_bar(len(order), epoch, cfg.epochs, progress, initial=pos.done)
+    t0 = time.perf_counter() - pos.seconds
+    for start in range(pos.done, len(order), step):
         chunk = engine.train_epoch(net, opt, X, T, order[start:start + step], bs)
-        stats += chunk
+        pos.stats += chunk
+        pos.done = min(start + step, len(order))
+        pos.seconds = time.perf_counter() - t0
         if not np.isfinite(chunk.loss_sum) or not np.isfinite(net.params).all():
             bar.close()
             raise DivergenceError(
-                f"training diverged (NaN or infinity) in epoch {epoch} after "
-                f"{stats.n} samples: lower the learning rate (now {cfg.lr})")
+                f"training diverged (NaN or infinity) in epoch {epoch} at step {opt.t} "
+                f"({pos.done} samples into the epoch): lower the learning rate (now {cfg.lr})")
         bar.update(chunk.n)
-        bar.set_postfix(loss=f"{stats.loss:.4f}", refresh=False)
+        bar.set_postfix(loss=f"{pos.stats.loss:.4f}", refresh=False)
         if on_chunk is not None:
-            on_chunk(epoch, stats.n, net, opt)
-    seconds = time.perf_counter() - t0
+            on_chunk(epoch, pos.done, net, opt)
     bar.close()
-    return stats, seconds
+    return pos.stats, pos.seconds
 
 
-def _progress_bar(total, epoch, epochs, enabled):
+def _progress_bar(total, epoch, epochs, enabled, initial=0):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=f"epoch {epoch}/{epochs}", unit="sample", unit_scale=True,
-                leave=False, disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=f"epoch {epoch}/{epochs}", unit="sample",
+                unit_scale=True, leave=False, disable=not enabled, dynamic_ncols=True)
 
 
 def evaluate(net, X, y):

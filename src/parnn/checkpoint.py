@@ -1,0 +1,309 @@
+"""Checkpoints: a run can be stopped at any moment and carried on to the same bits.
+
+A checkpoint is a safetensors file written by io.save_checkpoint (a checksum over the arrays and
+one over the header). Arrays: "params" (the flat parameter buffer) and "optimizer.<name>" for
+each optimizer state buffer (momentum: v; Adam: m, v). The meta, JSON:
+
+    {"checkpoint": 1,
+     "config": TrainConfig.to_dict(), "spec": Spec.to_dict(),
+     "epoch": E,          # the epoch in progress (config.epochs + 1 once the run is finished)
+     "done": D,           # samples of epoch E's order already trained: a whole number of batches
+     "step": S,           # optimizer steps so far (opt.t; Adam's bias correction needs it)
+     "order_rng": {...},  # numpy bit_generator state just before epoch E's order was drawn
+     "partial": {"loss_sum", "correct", "n", "seconds"},   # epoch E's sums so far
+     "history": [...],    # one row per finished epoch
+     "engine": "numpy",   # the engine used ("auto" resolved): a resumed run uses the same
+     "run": {...}}        # the caller's: the CLI keeps the data's identity, --out, --checkpoint-every
+
+Two files per directory: checkpoint.safetensors (newest) and checkpoint.prev.safetensors. A save
+renames the newest to prev, then writes the new one atomically (temp file, fsync, rename), so at
+every instant one complete checkpoint exists and a SIGKILL or power cut costs at most the steps
+since the last one. load() takes the newest file that passes every check, else the previous.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shlex
+import signal
+import threading
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+
+from parnn import io
+from parnn.engines import EpochStats
+from parnn.errors import ModelFileError, ParnnError
+from parnn.model import Spec
+from parnn.optim import make_optimizer
+from parnn.train import Position, TrainConfig, validate
+
+NEWEST = "checkpoint.safetensors"
+PREVIOUS = "checkpoint.prev.safetensors"
+VERSION = 1
+SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(ParnnError):
+    """SIGINT or SIGTERM stopped training after a checkpoint; exit status 128 + signal number."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+def resume_command(directory):
+    return f"parnn train --resume {shlex.quote(str(directory))}"
+
+
+# --- writing -------------------------------------------------------------------------------
+
+class Checkpointer:
+    """Writes one run's checkpoints into `directory` (fit calls it at chunk boundaries)."""
+
+    def __init__(self, directory, every=None, run=None):
+        self.dir = Path(directory)
+        self.every = every        # optimizer steps between checkpoints; None: after epochs only
+        self.run = run or {}      # stored as meta["run"]
+        self.last = None          # (epoch, step) of the newest checkpoint of this run
+        self.signum = None        # set by the signal handler, acted on at the next boundary
+        self.engine = None        # the engine training uses (what "auto" became)
+        self._saved_step = 0
+        self._wrote_newest = False  # whether the newest file is known good: this run wrote it
+
+    def save(self, cfg, pos, net, opt):
+        arrays = {"params": net.params, **{f"optimizer.{k}": v for k, v in opt.state().items()}}
+        meta = {"checkpoint": VERSION, "config": cfg.to_dict(), "spec": net.spec.to_dict(),
+                "epoch": pos.epoch, "done": pos.done, "step": opt.t, "order_rng": pos.order_rng,
+                "partial": {"loss_sum": pos.stats.loss_sum, "correct": pos.stats.correct,
+                            "n": pos.stats.n, "seconds": pos.seconds},
+                "history": pos.history, "engine": self.engine, "run": self.run}
+        newest = self.dir / NEWEST
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            # Keep the newest as prev until the new one is complete; but never rotate a damaged
+            # file over a good prev (a run resumed from prev finds the newest damaged).
+            if newest.exists() and (self._wrote_newest or _usable(newest)):
+                os.replace(newest, self.dir / PREVIOUS)
+            io.save_checkpoint(newest, arrays, meta)
+        except OSError as e:
+            raise ParnnError(f"{self.dir}: cannot write a checkpoint: {e.strerror or e}") from None
+        self.last, self._saved_step, self._wrote_newest = (pos.epoch, opt.t), opt.t, True
+
+    def after_chunk(self, cfg, pos, net, opt):
+        """Inside an epoch: save when `every` steps have passed, or a signal came (then stop)."""
+        if self.signum is not None:
+            self.save(cfg, pos, net, opt)
+            raise self._interrupted(pos, opt)
+        if self.every and opt.t - self._saved_step >= self.every:
+            self.save(cfg, pos, net, opt)
+
+    def after_epoch(self, cfg, pos, net, opt):
+        self.save(cfg, pos, net, opt)
+        # After the last epoch only the output files are left to write: finish rather than stop.
+        if self.signum is not None and pos.epoch <= cfg.epochs:
+            raise self._interrupted(pos, opt)
+
+    def _interrupted(self, pos, opt):
+        name = signal.Signals(self.signum).name
+        return Interrupted(f"stopped by {name} in epoch {pos.epoch} at step {opt.t}; checkpoint "
+                           f"saved in {self.dir}: continue with `{resume_command(self.dir)}`",
+                           self.signum)
+
+    def kept(self):
+        """What is left after a divergence, for its message."""
+        if self.last is None:
+            return "; no checkpoint had been written yet and no model file was written"
+        return (f"; the last good checkpoint (epoch {self.last[0]}, step {self.last[1]}) is kept "
+                f"in {self.dir} and no model file was written")
+
+    @contextlib.contextmanager
+    def running(self, opt, pos, engine=None):
+        """While training: SIGINT/SIGTERM set a flag (no I/O in a handler: the loop saves at the
+        next chunk boundary); a second one stops at once. Python handles signals in the main
+        thread only, so elsewhere this does nothing."""
+        self._saved_step, self.engine = opt.t, engine
+        if opt.t:  # resumed: the checkpoint we started from is the last good one so far
+            self.last = (pos.epoch, opt.t)
+        # A run killed while writing leaves its temp file (io.atomic_open's name) behind.
+        for stale in self.dir.glob(f".{NEWEST}.*.tmp"):
+            stale.unlink(missing_ok=True)
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.signum is not None:
+                raise KeyboardInterrupt
+            self.signum = signum
+
+        old = [(s, signal.signal(s, handler)) for s in SIGNALS]
+        try:
+            yield
+        finally:
+            for s, h in old:
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _usable(path):
+    try:
+        read(path)
+        return True
+    except ModelFileError:
+        return False
+
+
+# --- reading -------------------------------------------------------------------------------
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read back and checked through and through (see read())."""
+
+    path: Path
+    config: TrainConfig
+    spec: Spec
+    position: Position
+    step: int
+    arrays: dict
+    run: dict
+    engine: str | None = None  # the engine the run used: a resumed "auto" run keeps it
+
+    @property
+    def finished(self):
+        return self.position.epoch > self.config.epochs
+
+    def restore(self, net, opt, order_rng, n_train, batch_size):
+        """Put the saved parameters, optimizer state and order RNG into a new run (fit calls
+        this); returns a fresh copy of the Position."""
+        pos = self.position
+        if net.spec != self.spec:
+            raise ModelFileError(f"{self.path}: the checkpoint's network {self.spec.sizes} does "
+                                 f"not fit this data's {net.spec.sizes}")
+        if pos.done and (pos.done >= n_train or pos.done % batch_size):
+            raise ModelFileError(f"{self.path}: position {pos.done} is not a batch boundary "
+                                 f"inside an epoch of {n_train} samples")
+        net.params[...] = self.arrays["params"]
+        opt.load_state({k.removeprefix("optimizer."): v for k, v in self.arrays.items()
+                        if k.startswith("optimizer.")})
+        opt.t = self.step
+        order_rng.bit_generator.state = pos.order_rng
+        return dataclasses.replace(pos, stats=dataclasses.replace(pos.stats),
+                                   history=[dict(r) for r in pos.history])
+
+
+def read(path) -> Checkpoint:
+    """One checkpoint file, or ModelFileError saying what is wrong with it."""
+    path = Path(path)
+    arrays, meta = io.load_checkpoint(path)
+    try:
+        return _parse(path, arrays, meta)
+    except ModelFileError:
+        raise
+    except (ParnnError, KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise ModelFileError(f"{path}: not a usable parnn checkpoint ({detail})") from None
+
+
+def _int(value, what, lo=0, hi=None):
+    if type(value) is not int or value < lo or (hi is not None and value > hi):
+        raise ValueError(f"{what} {value!r} is not an integer in {lo}..{hi if hi else ''}")
+    return value
+
+
+def _number(value, what):
+    if type(value) not in (int, float) or not np.isfinite(value):
+        raise ValueError(f"{what} {value!r} is not a finite number")
+    return float(value)
+
+
+def _parse(path, arrays, meta):
+    if meta.get("checkpoint") != VERSION:
+        raise ModelFileError(f"{path}: not a parnn training checkpoint (version "
+                             f"{meta.get('checkpoint')!r}, expected {VERSION})")
+    c = meta["config"]
+    names = {f.name for f in fields(TrainConfig)}
+    if not isinstance(c, dict) or set(c) != names:
+        raise ValueError("the training settings are missing or malformed")
+    for k in ("epochs", "seed", "threads"):
+        _int(c[k], k)
+    if c["batch_size"] != "full":
+        _int(c["batch_size"], "batch_size", 1)
+    _number(c["lr"], "lr"), _number(c["momentum"], "momentum")
+    cfg = TrainConfig(**{**c, "hidden": tuple(_int(h, "hidden size", 1) for h in c["hidden"])})
+    validate(cfg)
+    spec = io._spec(path, {"spec": meta["spec"]})
+    if spec != cfg.spec(spec.sizes[0], spec.sizes[-1]):
+        raise ValueError("the network spec does not match the training settings")
+
+    # Shapes first: they bound what the optimizer below allocates by the file's own size.
+    params = arrays.get("params")
+    if params is None or params.dtype != np.dtype(spec.dtype) or params.shape != (spec.n_params,):
+        raise ValueError(f"tensor 'params' is missing or not {spec.dtype} ({spec.n_params},)")
+    if not np.isfinite(params).all():
+        raise ValueError("the parameters contain NaN or infinity")
+    state = make_optimizer(cfg.optimizer, spec.n_params, spec.dtype, cfg.lr, cfg.momentum).state()
+    expected = {"params", *(f"optimizer.{k}" for k in state)}
+    if set(arrays) != expected:
+        raise ValueError(f"tensors {', '.join(sorted(arrays))}, expected {', '.join(sorted(expected))}")
+    for k, v in state.items():
+        a = arrays[f"optimizer.{k}"]
+        if a.dtype != v.dtype or a.shape != v.shape:
+            raise ValueError(f"optimizer state '{k}' is {a.dtype} {a.shape}, expected {v.dtype} {v.shape}")
+
+    epoch = _int(meta["epoch"], "epoch", 1, cfg.epochs + 1)
+    done = _int(meta["done"], "done")
+    if done and epoch > cfg.epochs:
+        raise ValueError(f"{done} samples into epoch {epoch} of {cfg.epochs}")
+    p = meta["partial"]
+    stats = EpochStats(_number(p["loss_sum"], "loss_sum"), _int(p["correct"], "correct", 0, done),
+                       _int(p["n"], "n", done, done))
+    seconds = _number(p["seconds"], "seconds")
+    np.random.default_rng().bit_generator.state = meta["order_rng"]  # raises if malformed
+    history = meta["history"]
+    if not isinstance(history, list) or len(history) != epoch - 1 or \
+            not all(isinstance(r, dict) for r in history):
+        raise ValueError(f"the history does not have {epoch - 1} rows")
+    run, engine = meta.get("run", {}), meta.get("engine")
+    if engine is not None and not isinstance(engine, str):
+        raise ValueError(f"engine {engine!r} is not a name")
+    if not isinstance(run, dict):
+        raise ValueError("'run' is not a JSON object")
+    pos = Position(epoch, done, meta["order_rng"], stats, seconds, history)
+    return Checkpoint(path, cfg, spec, pos, _int(meta["step"], "step"), arrays, run, engine)
+
+
+def load(directory, warn=None) -> Checkpoint:
+    """The newest usable checkpoint in `directory` (a checkpoint directory, or a run's output
+    directory holding checkpoints/), else the previous one (warn(message) says why)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise ModelFileError(f"{d}: no such checkpoint directory" if not d.exists() else
+                             f"{d}: not a directory (--resume takes the checkpoint directory)")
+    if not (d / NEWEST).exists() and not (d / PREVIOUS).exists() and (d / "checkpoints").is_dir():
+        d = d / "checkpoints"
+    errors = []
+    for name in (NEWEST, PREVIOUS):
+        if not (d / name).exists():
+            continue
+        try:
+            ck = read(d / name)
+        except ModelFileError as e:
+            errors.append(str(e))
+            continue
+        if errors and warn is not None:
+            warn(f"{errors[0]}; using the previous checkpoint {ck.path}")
+        return ck
+    if not errors:
+        raise ModelFileError(f"{d}: no checkpoint here (expected {NEWEST})")
+    raise ModelFileError(f"{d}: no usable checkpoint: {'; '.join(errors)}")
+
+
+def peek(directory):
+    """The usable checkpoint in directory, or None (nothing there, or nothing readable)."""
+    try:
+        return load(directory)
+    except ModelFileError:
+        return None

@@ -1,0 +1,317 @@
+"""The command line, through its real entry points.
+
+Every bad input (flags and files) must end as exactly one line `parnn: error: ...` on stderr,
+a non-zero exit status, no traceback, and no existing file touched. The good paths: --version,
+--help of every subcommand, train -> evaluate -> predict on small synthetic data.
+"""
+
+import gzip
+import hashlib
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from parnn import __version__, cli, io
+from parnn.checkpoint import NEWEST, PREVIOUS
+from parnn.model import MLP, Spec
+from synthetic_data import idx_bytes, parnn, write_dataset
+
+TRAIN = ["--hidden", "16", "--epochs", "2", "--engine", "numpy", "--threads", "1",
+         "--no-progress", "--batch-size", "32", "--checkpoint-every", "3"]
+
+
+# --- a workspace of good and bad files, built once ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Files every case may point at. `run` is a finished run made by the real CLI."""
+    w = tmp_path_factory.mktemp("ws")
+    data = write_dataset(w / "data", n_train=300, n_test=60)
+    write_dataset(w / "other_data", n_train=300, n_test=60, seed=1)
+    r = parnn("train", "--data", data, "--out", w / "run", *TRAIN)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    model = w / "run" / "model.safetensors"
+
+    # An unfinished run: the finished run's mid-epoch checkpoint on its own.
+    (w / "unfinished").mkdir()
+    shutil.copy(w / "run" / "checkpoints" / PREVIOUS, w / "unfinished" / NEWEST)
+
+    # Damaged data directories, each with one bad file among good ones.
+    def bad_data(name, role, content):
+        d = w / name
+        shutil.copytree(data, d)
+        (d / f"{role}.gz").write_bytes(content)
+    images = gzip.decompress((data / "train-images-idx3-ubyte.gz").read_bytes())
+    bad_data("data_truncated", "train-images-idx3-ubyte", gzip.compress(images[:-100]))
+    bad_data("data_badgzip", "train-images-idx3-ubyte", (data / "train-images-idx3-ubyte.gz").read_bytes()[:-30])
+    bad_data("data_label10", "t10k-labels-idx1-ubyte", gzip.compress(idx_bytes(np.full(60, 10))))
+    bad_data("data_count", "train-labels-idx1-ubyte", gzip.compress(idx_bytes(np.zeros(299))))
+    bad_data("data_magic", "train-labels-idx1-ubyte", gzip.compress(b"\x00\x00\x08\x03" + bytes(20)))
+    (w / "empty").mkdir()
+
+    # Bad model and checkpoint files.
+    raw = model.read_bytes()
+    (w / "garbage.safetensors").write_bytes(b"this is not a model at all" * 10)
+    (w / "truncated.safetensors").write_bytes(raw[: len(raw) // 2])
+    (w / "empty.safetensors").write_bytes(b"")
+    flipped = bytearray(raw)
+    flipped[-100] ^= 0x04
+    (w / "flipped.safetensors").write_bytes(bytes(flipped))
+    io.save_model(w / "six_inputs.safetensors", MLP(Spec((6, 5, 3)), seed=0), {})
+    for name, content in (("ck_garbage", b"\x00" * 100), ("ck_model", raw)):
+        (w / name).mkdir()
+        (w / name / NEWEST).write_bytes(content)
+    (w / "ck_both_bad").mkdir()
+    for f in (NEWEST, PREVIOUS):
+        (w / "ck_both_bad" / f).write_bytes(raw[:500])
+
+    # Images: good ones, and bad ones.
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(w / "good.png")
+    Image.fromarray(rng.integers(0, 256, (200, 200), dtype=np.uint8)).save(w / "noise.png")
+    png = (w / "noise.png").read_bytes()
+    (w / "truncated.png").write_bytes(png[: len(png) // 2])
+    (w / "text.png").write_text("not a picture")
+    np.save(w / "good.npy", rng.random((28, 28)))
+    np.save(w / "wrong_size.npy", np.zeros((10, 10)))
+    np.save(w / "nan.npy", np.full((28, 28), np.nan))
+    np.save(w / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    (w / "a_file").write_text("x")
+    return w
+
+
+def snapshot(root):
+    """Every file under root: its bytes' hash and mtime."""
+    return {p.relative_to(root): (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --- the catalogue of bad inputs -----------------------------------------------------------------
+# (args with {placeholders} under the workspace, words the message must contain). "@" marks the
+# cases that also run as a real subprocess.
+
+T = ["train", "--data", "{w}/data", "--out", "{w}/run"] + TRAIN
+BAD = [
+    # flags
+    (T + ["--lr", "0"], "learning rate must be a number > 0"),
+    (T + ["--lr", "-1"], "learning rate must be"),
+    (T + ["--lr", "nan"], "learning rate must be"),
+    (T + ["--lr", "fast"], "invalid float value"),
+    (T + ["--hidden", "16,0"], "hidden layer sizes must be >= 1"),
+    (T + ["--hidden", "16,x"], "comma-separated integers"),
+    (T + ["--threads", "0"], "threads must be >= 1"),
+    (T + ["--batch-size", "0"], "batch size must be"),
+    (T + ["--batch-size", "301"], "larger than the training set (300 samples)"),
+    (T + ["--batch-size", "lots"], "an integer or 'full'"),
+    (T + ["--engine", "gpu"], "choose one of numpy"),
+    (T + ["--preset", "fast"], "invalid choice"),
+    (T + ["--optimizer", "rmsprop"], "sgd, momentum, adam"),
+    (T + ["--momentum", "0.5"], "only applies to optimizer momentum"),
+    (T + ["--optimizer", "momentum", "--momentum", "1.5"], "momentum must be in [0, 1)"),
+    (T + ["--output", "tanh", "--loss", "cross_entropy"], "needs output softmax"),
+    (T + ["--activation", "swish"], "tanh, sigmoid, relu"),
+    (T + ["--dtype", "float16"], "float32, float64"),
+    (T + ["--init", "zeros"], "paper, xavier, he"),
+    (T + ["--limit-train", "0"], "--limit-train must be >= 1"),
+    (T + ["--limit-test", "-5"], "--limit-test must be >= 1"),
+    (T + ["--epochs", "0"], "epochs must be >= 1"),
+    (T + ["--seed", "-1"], "seed must be an integer >= 0"),
+    (T + ["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
+    (T + ["--dataset", "cifar"], "invalid choice"),
+    (T + ["--frobnicate"], "unrecognized arguments"),
+    (["@"], "the following arguments are required"),
+    (["@", "train", "--epochs", "many"], "invalid int value"),
+    # output paths and data directories
+    (["@"] + T + ["--out", "{w}/a_file"], "is a file, not a directory"),
+    (T + ["--out", "{w}/a_file/sub"], "cannot be created"),
+    (T + ["--checkpoint-dir", "{w}/a_file"], "is a file"),
+    (T + ["--data", "{w}/missing"], "does not exist"),
+    (T + ["--data", "{w}/a_file"], "is not a directory"),
+    (T + ["--data", "{w}/empty"], "missing train-images-idx3-ubyte"),
+    (["@"] + T + ["--data", "{w}/data_truncated"], "truncated"),
+    (T + ["--data", "{w}/data_badgzip"], "damaged gzip data"),
+    (T + ["--data", "{w}/data_label10"], "labels must be 0..9"),
+    (T + ["--data", "{w}/data_count"], "300 images but"),
+    (T + ["--data", "{w}/data_magic"], "expected a label file"),
+    (["@"] + T + ["--out", "{w}/new", "--lr", "1e30"], "training diverged"),
+    (T + ["--out", "{w}/new", "--checkpoint-dir", "{w}/unfinished"], "holds the checkpoint of an unfinished run"),
+    # --resume
+    (["train", "--resume", "{w}/missing"], "no such checkpoint directory"),
+    (["train", "--resume", "{w}/a_file"], "not a directory"),
+    (["train", "--resume", "{w}/empty"], "no checkpoint here"),
+    (["@", "train", "--resume", "{w}/ck_garbage"], "no usable checkpoint"),
+    (["train", "--resume", "{w}/ck_model"], "expected checkpoint"),
+    (["train", "--resume", "{w}/ck_both_bad"], "no usable checkpoint"),
+    (["train", "--resume", "{w}/run", "--lr", "0.5"], "--lr 0.5 (it has 0.001)"),
+    (["@", "train", "--resume", "{w}/run", "--hidden", "64", "--preset", "paper"], "--hidden 64 (it has 16)"),
+    (["train", "--resume", "{w}/run", "--limit-train", "100"], "--limit-train 100 (it has none)"),
+    (["train", "--resume", "{w}/run", "--epochs", "1"], "--epochs 1 is fewer than the 2 epoch(s)"),
+    (["train", "--resume", "{w}/run", "--checkpoint-dir", "{w}/x"], "cannot be combined with --resume"),
+    (["train", "--resume", "{w}/run", "--data", "{w}/other_data"], "differs from the data"),
+    (["train", "--resume", "{w}/run", "--epochs", "3", "--out", "{w}/a_file"], "is a file"),
+    # evaluate
+    (["evaluate", "{w}/missing.safetensors", "--data", "{w}/data"], "no such file"),
+    (["evaluate", "{w}/empty", "--data", "{w}/data"], "is a directory"),
+    (["@", "evaluate", "{w}/garbage.safetensors", "--data", "{w}/data"], "not a safetensors file"),
+    (["evaluate", "{w}/truncated.safetensors", "--data", "{w}/data"], "truncated"),
+    (["evaluate", "{w}/empty.safetensors", "--data", "{w}/data"], "only 0 bytes"),
+    (["evaluate", "{w}/flipped.safetensors", "--data", "{w}/data"], "checksum"),
+    (["evaluate", "{w}/run/checkpoints/" + NEWEST, "--data", "{w}/data"], "expected model"),
+    (["evaluate", "{w}/six_inputs.safetensors", "--data", "{w}/data"], "takes 6 inputs"),
+    (["evaluate", "{w}/run/model.safetensors", "--data", "{w}/data", "--limit-test", "0"], "must be >= 1"),
+    # predict
+    (["predict", "{w}/garbage.safetensors", "{w}/good.png"], "not a safetensors file"),
+    (["@", "predict", "{w}/run/model.safetensors", "{w}/text.png"], "not an image parnn can read"),
+    (["predict", "{w}/run/model.safetensors", "{w}/truncated.png"], "not an image parnn can read"),
+    (["predict", "{w}/run/model.safetensors", "{w}/wrong_size.npy"], "expected 28x28"),
+    (["predict", "{w}/run/model.safetensors", "{w}/nan.npy"], "pixel values must be"),
+    (["predict", "{w}/run/model.safetensors", "{w}/pickled.npy"], "not a readable .npy"),
+    (["predict", "{w}/run/model.safetensors", "{w}/missing.png"], "no such file"),
+    (["predict", "{w}/run/model.safetensors", "{w}/empty"], "no such file"),
+    (["predict", "{w}/run/model.safetensors", "{w}/good.png", "--invert", "maybe"], "invalid choice"),
+    # data
+    (["data", "info", "--data", "{w}/missing"], "does not exist"),
+    (["data", "info", "--data", "{w}/data_truncated"], "truncated"),
+    (["data", "fetch", "--dest", "{w}/a_file/sub"], "cannot create directory"),
+]
+
+
+def ids(case):
+    args = [a for a in case[0] if a != "@"]
+    if args[:len(T)] == T:
+        args = ["train", *args[len(T):]]
+    return " ".join(args).replace("{w}/", "")[:60]
+
+
+def test_the_catalogue_is_big_enough():
+    assert len(BAD) >= 30 and sum("@" in c[0] for c in BAD) >= 8
+
+
+def run_in_process(args, capsys):
+    try:
+        status = cli.main(args)
+    except SystemExit as e:  # argparse
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, err
+
+
+@pytest.mark.parametrize("case", BAD, ids=[ids(c) for c in BAD])
+def test_bad_input_is_one_clean_line(case, ws, capsys, monkeypatch):
+    raw, words = case
+    args = [a.replace("{w}", str(ws)) for a in raw if a != "@"]
+    monkeypatch.chdir(ws)  # default outputs (runs/...) would land here, and be noticed
+    monkeypatch.setenv("PARNN_DATA", str(ws / "data"))
+    before = snapshot(ws)
+    runs = [run_in_process(args, capsys)]
+    if "@" in raw:
+        r = parnn(*args, cwd=ws, env={**os.environ, "PARNN_DATA": str(ws / "data")})
+        runs.append((r.returncode, r.stderr))
+    for status, err in runs:
+        assert status not in (0, None), err
+        assert "Traceback" not in err
+        lines = err.splitlines()
+        assert len(lines) == 1, err
+        assert lines[0].startswith("parnn") and "error:" in lines[0], err
+        assert words in lines[0], lines[0]
+    assert snapshot(ws) == before, "a failed command changed or created files"
+
+
+# --- good paths ------------------------------------------------------------------------------------
+
+def test_version():
+    r = parnn("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"parnn {__version__}"
+
+
+def subcommands(parser, prefix=()):
+    """Every (sub)command path of the parser, for --help."""
+    import argparse
+
+    yield prefix
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from subcommands(sub, prefix + (name,))
+
+
+def test_help_of_every_subcommand(capsys):
+    paths = list(subcommands(cli.build_parser()))
+    assert {("train",), ("evaluate",), ("predict",), ("data", "fetch"), ("data", "info")} <= set(paths)
+    for path in paths:
+        with pytest.raises(SystemExit) as e:
+            cli.main([*path, "--help"])
+        out, err = capsys.readouterr()
+        assert e.value.code == 0 and "usage: parnn" in out and err == "", path
+    r = parnn("train", "--help")
+    assert r.returncode == 0 and "--resume" in r.stdout and "--checkpoint-every" in r.stdout
+
+
+def test_train_writes_model_history_plot_and_checkpoints(ws):
+    run = ws / "run"
+    for name in ("model.safetensors", "history.json", "history.csv", "history.png",
+                 "checkpoints/" + NEWEST, "checkpoints/" + PREVIOUS):
+        assert (run / name).is_file(), name
+    net, meta = io.load_model(run / "model.safetensors")
+    assert net.spec.sizes == (784, 16, 10) and len(meta["history"]) == 2
+    with Image.open(run / "history.png") as im:
+        assert im.format == "PNG"
+    assert not list(run.rglob("*.tmp"))
+
+
+def test_evaluate_and_predict(ws):
+    r = parnn("evaluate", ws / "run" / "model.safetensors", "--data", ws / "data")
+    assert r.returncode == 0 and "accuracy" in r.stdout.lower(), r.stderr
+    r = parnn("predict", ws / "run" / "model.safetensors", ws / "good.png", ws / "good.npy")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(ws / "good.png"))
+    assert all(line.split("\t")[2] in {"T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                                       "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"}
+               for line in lines)
+
+
+def test_a_resumed_auto_run_keeps_its_engine(ws, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["--data", str(ws / "data"), "--hidden", "8", "--batch-size", "30", "--threads", "1",
+            "--no-progress"]
+    assert cli.main(["train", "--out", str(out), "--epochs", "1", *base]) == 0
+    assert io.load_model(out / "model.safetensors")[1]["config"]["engine"] == "auto"
+    assert cli.main(["train", "--resume", str(out), "--epochs", "2", "--no-progress"]) == 0
+    meta = io.load_model(out / "model.safetensors")[1]
+    assert meta["config"]["engine"] == meta["engine"] != "auto"
+    capsys.readouterr()
+
+
+def test_resume_takes_a_run_directory_and_extends_it(ws, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(ws / "run", run)
+    ck = run / "checkpoints" / NEWEST
+    # the copied checkpoint remembers the original --out: say where the results go now
+    assert cli.main(["train", "--resume", str(run), "--epochs", "3", "--out", str(run)]) == 0
+    assert "after 3 epoch(s)" in capsys.readouterr().out
+    net, meta = io.load_model(run / "model.safetensors")
+    assert len(meta["history"]) == 3 and meta["config"]["epochs"] == 3
+    assert ck.is_file()
+
+
+def test_data_info(ws):
+    r = parnn("data", "info", "--data", ws / "data")
+    assert r.returncode == 0 and "train:    300 samples" in r.stdout
+
+
+def test_no_pickle_anywhere_in_parnn():
+    import re
+    from pathlib import Path
+
+    import parnn
+
+    src = Path(parnn.__file__).parent
+    for path in src.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", text, re.M), path
+        assert "allow_pickle=True" not in text, path
+        assert "torch.load" not in text, path

@@ -1,0 +1,271 @@
+"""MPI training: real `mpiexec` subprocesses on small data, plus the pure helpers.
+
+The venv's mpiexec (the `mpich` wheel's Hydra) runs 2 ranks on this machine with no extra flags;
+see docs/MPI.md for system MPIs.
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from parnn import cli, io, train
+from parnn.data import FASHION_CLASSES, Dataset, load_dataset
+from parnn.distributed import SEED_STRIDE, combine_outputs, member_seed, shard_indices
+
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+REAL = Path("/usr/share/datasets/fashion-mnist")
+ROOT = Path(__file__).resolve().parents[1]
+
+needs_mpi = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to the interpreter")
+needs_data = pytest.mark.skipif(not REAL.is_dir(), reason="Fashion-MNIST not installed")
+mpi = [pytest.mark.mpi, needs_mpi]
+
+SMALL = ["--limit-train", "2000", "--limit-test", "500", "--hidden", "32", "--no-progress",
+         "--data", str(REAL)]
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    env.pop("PARNN_TEST_FAIL", None)
+    env.pop("PARNN_DATA", None)
+    return env
+
+
+def run(cmd, timeout=60, **env):
+    """Run a command; a hang fails the test (TimeoutExpired) instead of blocking the suite."""
+    t0 = time.monotonic()
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, timeout=timeout,
+                       env={**_env(), **env}, cwd=ROOT)
+    p.seconds = time.monotonic() - t0
+    return p
+
+
+def parnn_mpi(n, *args, **env):
+    return run([MPIEXEC, "-n", n, BIN / "parnn", "train", *args], **env)
+
+
+# --- pure helpers ------------------------------------------------------------------------------
+
+def test_soft_vote_is_the_mean_of_the_outputs():
+    a = np.array([[0.9, 0.1], [0.2, 0.8]])
+    b = np.array([[0.3, 0.7], [0.4, 0.6]])
+    np.testing.assert_allclose(combine_outputs([a, b], "soft"), (a + b) / 2)
+
+
+def test_hard_vote_is_the_majority_and_ties_go_to_the_soft_score():
+    outs = [np.array([[0.6, 0.4, 0.0], [0.9, 0.1, 0.0]]),
+            np.array([[0.6, 0.4, 0.0], [0.0, 0.1, 0.9]]),
+            np.array([[0.0, 0.1, 0.9], [0.1, 0.5, 0.4]])]
+    # sample 0: two votes for class 0, one for class 2
+    hard = combine_outputs(outs, "hard")
+    assert hard[0].argmax() == 0
+    # sample 1: one vote each for 0, 2, 1 -> a tie, broken by the soft mean (0.333 for class 0,
+    # 0.233 for 1, 0.433 for 2)
+    assert hard[1].argmax() == 2
+    # a majority wins even when the soft mean disagrees
+    outs = [np.array([[0.51, 0.49]]), np.array([[0.51, 0.49]]), np.array([[0.0, 1.0]])]
+    assert combine_outputs(outs, "soft")[0].argmax() == 1
+    assert combine_outputs(outs, "hard")[0].argmax() == 0
+
+
+def test_disjoint_shards_partition_the_training_set_and_bootstrap_draws_n_over_k():
+    parts = [shard_indices(1003, r, 4, "disjoint", seed=5) for r in range(4)]
+    assert sorted(np.concatenate(parts).tolist()) == list(range(1003))
+    assert {len(p) for p in parts} == {250, 251}
+    assert not np.array_equal(parts[0], np.arange(250))        # shuffled before cutting
+    boot = [shard_indices(1003, r, 4, "bootstrap", seed=5) for r in range(4)]
+    assert all(len(b) == 250 and b.max() < 1003 for b in boot)
+    assert len(np.unique(boot[0])) < 250                        # with replacement
+    assert not np.array_equal(boot[0], boot[1])                 # one stream per rank
+    assert member_seed(7, 0) == 7 and member_seed(7, 3) == 7 + 3 * SEED_STRIDE
+
+
+# --- allreduce: identical ranks, same result as one process ------------------------------------
+
+def blobs(n=310, n_test=60, seed=0):
+    """Ten Gaussian blobs in 784-d, float64: learnable, tiny, no files."""
+    rng = np.random.default_rng(seed)
+    centres = rng.random((10, 784))
+    y = rng.integers(0, 10, n + n_test)
+    X = np.clip(centres[y] + 0.1 * rng.standard_normal((n + n_test, 784)), 0, 1)
+    return Dataset(X[:n], y[:n], X[n:], y[n:], FASHION_CLASSES, "blobs", None, {}, {})
+
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from mpi4py import MPI
+    from parnn import train
+    from parnn.distributed import AllreduceEngine, params_sha256
+    sys.path.insert(0, sys.argv[2])
+    from test_distributed import blobs
+
+    comm = MPI.COMM_WORLD
+    results = {}
+    for name, over in [("sgd7", dict(optimizer="sgd", lr=0.1, batch_size=7)),
+                       ("adam50", dict(optimizer="adam", lr=1e-3, batch_size=50)),
+                       ("momentum2", dict(optimizer="momentum", lr=0.05, batch_size=2))]:
+        cfg = train.make_config("modern", hidden=(16, 8), dtype="float64", epochs=2,
+                                engine="numpy", threads=1, **over)
+        res = train.fit(cfg, blobs(), progress=False, log=lambda *_: None,
+                        engine=AllreduceEngine(comm))
+        hashes = comm.gather(params_sha256(res.net))
+        if comm.rank == 0:
+            results[name] = res.net.params
+            results[name + "_hashes"] = np.array(hashes)
+            results[name + "_loss"] = np.array([r["loss"] for r in res.history])
+            results[name + "_acc"] = np.array([r["train_acc"] for r in res.history])
+    if comm.rank == 0:
+        np.savez(sys.argv[1], **results)
+""")
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_allreduce_equals_one_process_and_ranks_are_bitwise_identical(tmp_path):
+    """3 ranks, so batches split unevenly (7 -> 2+2+3), and batch 2 leaves one rank idle."""
+    script = tmp_path / "allreduce.py"
+    script.write_text(SCRIPT)
+    p = run([MPIEXEC, "-n", 3, sys.executable, script, tmp_path / "out.npz", ROOT / "tests"])
+    assert p.returncode == 0, p.stderr
+    got = np.load(tmp_path / "out.npz")
+
+    for name, over in [("sgd7", dict(optimizer="sgd", lr=0.1, batch_size=7)),
+                       ("adam50", dict(optimizer="adam", lr=1e-3, batch_size=50)),
+                       ("momentum2", dict(optimizer="momentum", lr=0.05, batch_size=2))]:
+        assert len(set(got[name + "_hashes"])) == 1, f"{name}: ranks differ"
+        cfg = train.make_config("modern", hidden=(16, 8), dtype="float64", epochs=2,
+                                engine="numpy", threads=1, **over)
+        ref = train.fit(cfg, blobs(), progress=False, log=lambda *_: None)
+        np.testing.assert_allclose(got[name], ref.net.params, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(got[name + "_loss"], [r["loss"] for r in ref.history],
+                                   rtol=1e-12)
+        np.testing.assert_array_equal(got[name + "_acc"], [r["train_acc"] for r in ref.history])
+
+
+@pytest.mark.mpi
+@needs_mpi
+@needs_data
+def test_allreduce_cli_matches_single_process_training(tmp_path):
+    args = [*SMALL, "--epochs", "2", "--dtype", "float64", "--threads", "1"]
+    p = parnn_mpi(2, "--distributed", "allreduce", *args, "--out", tmp_path / "ar")
+    assert p.returncode == 0, p.stderr
+    assert "weights identical on all 2 ranks" in p.stdout
+    assert "parnn 0.1.0" in p.stdout and p.stdout.count("allreduce on 2 rank(s)") == 1  # rank 0 only
+    net, meta = io.load_model(tmp_path / "ar" / "model.safetensors")
+    hist = json.loads((tmp_path / "ar" / "history.json").read_text())
+    assert hist["info"]["ranks"] == 2 and hist["info"]["distributed"] == "allreduce"
+    assert all(row["comm_seconds"] > 0 for row in hist["history"])
+
+    cfg = train.make_config("modern", hidden=(32,), epochs=2, dtype="float64", engine="numpy",
+                            threads=1)
+    ds = load_dataset("fashion-mnist", REAL, "float64", 2000, 500)
+    ref = train.fit(cfg, ds, progress=False, log=lambda *_: None)
+    np.testing.assert_allclose(net.params, ref.net.params, rtol=1e-8, atol=1e-10)
+    assert [r["test_acc"] for r in hist["history"]] == [r["test_acc"] for r in ref.history]
+
+
+# --- ensemble ----------------------------------------------------------------------------------
+
+@pytest.mark.mpi
+@needs_mpi
+@needs_data
+def test_ensemble_reports_members_and_votes_and_evaluate_reads_the_file(tmp_path, capsys):
+    out = tmp_path / "ens"
+    p = parnn_mpi(2, "--distributed", "ensemble", *SMALL, "--epochs", "1", "--out", out)
+    assert p.returncode == 0, p.stderr
+    rows = re.findall(r"^\s+(\d)\s+(\d+)\s+(\d+)\s+([\d.]+)$", p.stdout, re.M)
+    assert [(r[0], r[1], r[2]) for r in rows] == [("0", "1", "1000"), ("1", "1001", "1000")]
+    soft = float(re.search(r"soft vote ([\d.]+), hard vote ([\d.]+)", p.stdout).group(1))
+
+    nets, meta = io.load_any(out / "model.safetensors")
+    assert len(nets) == 2 and not np.array_equal(nets[0].params, nets[1].params)
+    assert meta["distributed"]["mode"] == "ensemble" and meta["distributed"]["shards"] == "disjoint"
+    assert [round(m["test_acc"], 4) for m in meta["members"]] == [float(r[3]) for r in rows]
+    assert meta["distributed"]["soft_acc"] == pytest.approx(soft, abs=1e-4)
+    hist = json.loads((out / "history.json").read_text())
+    assert [m["seed"] for m in hist["members"]] == [1, 1001]
+    assert (out / "history.csv").read_text().startswith("member,epoch")
+    assert not list(out.glob(".*.tmp"))
+
+    # `parnn evaluate` needs no MPI: it loads every member and takes the soft vote
+    assert cli.main(["evaluate", str(out / "model.safetensors"), "--limit-test", "500",
+                     "--data", str(REAL)]) == 0
+    report = capsys.readouterr().out
+    assert "(2 networks)" in report
+    assert float(re.search(r"accuracy: ([\d.]+)", report).group(1)) == pytest.approx(soft, abs=1e-4)
+
+
+@pytest.mark.mpi
+@needs_mpi
+@needs_data
+def test_bootstrap_ensemble_in_one_process_says_it_runs_one_rank(tmp_path):
+    """No mpiexec: MPI starts as a singleton; a 1-rank ensemble is plain training."""
+    p = run([sys.executable, "-m", "parnn", "train", "--distributed", "ensemble", "--shards",
+             "bootstrap", *SMALL, "--epochs", "1", "--out", tmp_path / "one"])
+    assert p.returncode == 0, p.stderr
+    assert "on 1 rank (not started by mpiexec" in p.stdout
+    nets, meta = io.load_any(tmp_path / "one" / "model.safetensors")
+    assert len(nets) == 1 and meta["members"][0]["n_train"] == 2000
+    assert meta["members"][0]["unique_samples"] < 2000
+
+
+# --- failures end the whole job, quickly, naming the rank --------------------------------------
+
+@pytest.mark.mpi
+@needs_mpi
+@needs_data
+def test_bad_data_on_one_rank_is_reported_by_rank_0_and_every_rank_exits(tmp_path):
+    """MPMD: rank 1 alone gets a data directory that does not exist."""
+    common = ["--distributed", "allreduce", *SMALL[:-2], "--epochs", "1", "--out", tmp_path]
+    p = run([MPIEXEC, "-n", 1, BIN / "parnn", "train", *common, "--data", REAL, ":",
+             "-n", 1, BIN / "parnn", "train", *common, "--data", tmp_path / "nowhere"])
+    assert p.returncode == 2
+    assert re.search(r"parnn: error: rank 1 of 2: .*nowhere.* does not exist", p.stderr), p.stderr
+    assert p.stderr.count("parnn: error") == 1
+
+
+@pytest.mark.mpi
+@needs_mpi
+@needs_data
+def test_ranks_that_disagree_on_settings_are_refused(tmp_path):
+    common = ["--distributed", "allreduce", *SMALL, "--epochs", "1", "--out", tmp_path]
+    p = run([MPIEXEC, "-n", 1, BIN / "parnn", "train", *common, ":",
+             "-n", 1, BIN / "parnn", "train", *common, "--lr", "0.5"])
+    assert p.returncode == 2
+    assert "rank 1 of 2 differs from rank 0 in lr (0.5 vs 0.001)" in p.stderr
+
+
+@pytest.mark.mpi
+@needs_mpi
+@needs_data
+@pytest.mark.parametrize("mode", ["allreduce", "ensemble"])
+def test_a_rank_failing_mid_training_aborts_the_job(tmp_path, mode):
+    """Rank 1 raises after its first chunk, while rank 0 goes on into a collective (the next
+    Allreduce, or the final Gather) where it would wait forever without MPI Abort."""
+    p = parnn_mpi(2, "--distributed", mode, *SMALL, "--epochs", "3", "--out", tmp_path,
+                  PARNN_TEST_FAIL="1:raise")
+    assert p.returncode != 0
+    assert "parnn: error: rank 1 of 2 failed: injected failure" in p.stderr, p.stderr
+    assert p.seconds < 30
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+@pytest.mark.mpi
+@needs_mpi
+@needs_data
+def test_a_killed_rank_ends_the_job(tmp_path):
+    p = parnn_mpi(2, "--distributed", "allreduce", *SMALL, "--epochs", "3", "--out", tmp_path,
+                  PARNN_TEST_FAIL="1:kill")
+    assert p.returncode != 0
+    assert p.seconds < 30
+    assert not (tmp_path / "model.safetensors").exists()
