@@ -1,3 +1,5 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -40,6 +42,7 @@ def test_presets_hold_the_papers_and_the_modern_settings():
     (dict(optimizer="rmsprop"), "sgd, momentum, adam"),
     (dict(init="zeros"), "paper, xavier, he"),
     (dict(momentum=1.5), "momentum must be in"),
+    (dict(lr_schedule="step"), "constant, cosine"),
     (dict(output="tanh", loss="cross_entropy"), "needs output softmax"),
 ])
 def test_bad_settings_are_refused_up_front(overrides, words):
@@ -108,3 +111,17 @@ def test_modern_network_learns_real_fashion_mnist():
     cfg = train.make_config("modern", epochs=3, engine="numpy", threads=2)
     res = train.fit(cfg, ds, progress=False, log=lambda *_: None)
     assert res.history[-1]["test_acc"] > 0.75
+
+
+def test_cosine_schedule_decays_each_epochs_rate_and_constant_keeps_it():
+    cfg = train.make_config("modern", epochs=4, lr=0.01)
+    assert cfg.lr_schedule == "cosine"
+    rates = [train.lr_at(cfg, e) for e in range(1, 5)]
+    np.testing.assert_allclose(rates, [0.01, 0.01 * (1 + np.cos(np.pi / 4)) / 2, 0.005,
+                                       0.01 * (1 + np.cos(3 * np.pi / 4)) / 2])
+    const = train.make_config("modern", epochs=4, lr=0.01, lr_schedule="constant")
+    assert [train.lr_at(const, e) for e in range(1, 5)] == [0.01] * 4
+    seen = []
+    train.fit(dataclasses.replace(cfg, engine="numpy", threads=1), synthetic(), progress=False,
+              log=lambda *_: None, on_chunk=lambda epoch, done, net, opt: seen.append(opt.lr))
+    np.testing.assert_allclose(seen, rates)

@@ -68,6 +68,7 @@ def build_parser():
     t.add_argument("--dtype", help="float32 or float64")
     t.add_argument("--optimizer", help="sgd, momentum, adam")
     t.add_argument("--lr", type=float, help="learning rate")
+    t.add_argument("--lr-schedule", help="constant, or cosine (decays lr towards 0 over the epochs)")
     t.add_argument("--momentum", type=float, help="momentum coefficient (optimizer momentum)")
     t.add_argument("--batch-size", type=_batch_size,
                    help="1 = per-sample SGD (the paper's code), N = mini-batch, full = full-batch GD")
@@ -138,10 +139,10 @@ def main(argv=None):
 # --- commands ----------------------------------------------------------------------------------
 
 CONFIG_FLAGS = ("hidden", "activation", "output", "loss", "init", "dtype", "optimizer", "lr",
-                "momentum", "batch_size", "epochs", "seed", "engine", "threads")
+                "lr_schedule", "momentum", "batch_size", "epochs", "seed", "engine", "threads")
 # What a resumed run keeps from its checkpoint: a flag may repeat the saved value, not change it.
 KEPT_ON_RESUME = ("preset", "hidden", "activation", "output", "loss", "init", "dtype", "optimizer",
-                  "lr", "momentum", "batch_size", "seed", "engine", "dataset", "limit_train",
+                  "lr", "lr_schedule", "momentum", "batch_size", "seed", "engine", "dataset", "limit_train",
                   "limit_test")
 
 

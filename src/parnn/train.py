@@ -23,11 +23,15 @@ from parnn.optim import OPTIMIZERS, make_optimizer
 # The paper's system, faithfully, except for the init: its U[0,1) weights saturate every tanh,
 # so nothing learns (accuracy stays at 10%, see docs/PAPER.md); `--init paper` still selects it.
 PAPER = dict(hidden=(256, 128), activation="tanh", output="tanh", loss="mse", init="xavier",
-             dtype="float64", optimizer="sgd", lr=0.01, batch_size=1, epochs=1, engine="auto")
-# A good MLP today: ReLU, softmax + cross-entropy, Adam on mini-batches, float32.
+             dtype="float64", optimizer="sgd", lr=0.01, lr_schedule="constant", batch_size=1,
+             epochs=1, engine="auto")
+# A good MLP today: ReLU, softmax + cross-entropy, Adam on mini-batches, float32, and a cosine
+# decay of the learning rate over the run (measured: 0.899 test accuracy after 15 epochs
+# against 0.890 with a constant rate, see docs/RESULTS.md).
 MODERN = dict(hidden=(256, 128), activation="relu", output="softmax", loss="cross_entropy",
-              init="he", dtype="float32", optimizer="adam", lr=1e-3, batch_size=128, epochs=15,
-              engine="auto")
+              init="he", dtype="float32", optimizer="adam", lr=1e-3, lr_schedule="cosine",
+              batch_size=128, epochs=15, engine="auto")
+LR_SCHEDULES = ("constant", "cosine")
 PRESETS = {"paper": PAPER, "modern": MODERN}
 DEFAULT_PRESET = "modern"
 
@@ -47,6 +51,7 @@ class TrainConfig:
     dtype: str = MODERN["dtype"]
     optimizer: str = MODERN["optimizer"]
     lr: float = MODERN["lr"]
+    lr_schedule: str = MODERN["lr_schedule"]
     momentum: float = 0.9
     batch_size: int | str = MODERN["batch_size"]   # int, or "full" for full-batch GD
     epochs: int = MODERN["epochs"]
@@ -93,6 +98,9 @@ def validate(cfg, n_train=None):
         raise ConfigError(f"unknown optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
     if not (np.isfinite(cfg.lr) and cfg.lr > 0):
         raise ConfigError(f"learning rate must be a number > 0, got {cfg.lr}")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ConfigError(f"unknown learning-rate schedule {cfg.lr_schedule!r}: choose one of "
+                          f"{', '.join(LR_SCHEDULES)}")
     if not 0 <= cfg.momentum < 1:
         raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum}")
     if cfg.epochs < 1:
@@ -108,6 +116,15 @@ def validate(cfg, n_train=None):
             raise ConfigError(f"batch size {cfg.batch_size} is larger than the training set "
                               f"({n_train} samples)")
     pick_engine(cfg, spec, n_train or 1)
+
+
+def lr_at(cfg, epoch):
+    """The learning rate of an epoch (1-based): constant, or cosine from lr down towards 0.
+
+    A function of the epoch alone, so a resumed run needs no extra state for it."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + np.cos(np.pi * (epoch - 1) / cfg.epochs))
 
 
 def batch_size_for(cfg, n_train):
@@ -229,6 +246,7 @@ def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, re
             # A resumed run restored this state, so it draws the same order again.
             pos.order_rng = order_rng.bit_generator.state
             order = order_rng.permutation(n_train)
+            opt.lr = lr_at(cfg, epoch)
             try:
                 stats, seconds = run_epoch(engine, net, opt, X, T, order, bs, epoch, cfg,
                                            progress, after_chunk, pos, max_chunk)
