@@ -49,6 +49,7 @@ _REGISTRY = {
     "serial": ("parnn.engines.kernels", "SERIAL"),
     "neuron": ("parnn.engines.kernels", "NEURON"),
     "hogwild": ("parnn.engines.kernels", "HOGWILD"),
+    "owner": ("parnn.engines.kernels", "OWNER"),
     "batch": ("parnn.engines.batch", "ENGINE"),
 }
 
