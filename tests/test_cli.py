@@ -118,6 +118,8 @@ BAD = [
     (T + ["--limit-train", "0"], "--limit-train must be >= 1"),
     (T + ["--limit-test", "-5"], "--limit-test must be >= 1"),
     (T + ["--epochs", "0"], "epochs must be >= 1"),
+    (T + ["--shards", "bootstrap"], "--shards only applies to --distributed ensemble"),
+    (T + ["--lr-schedule", "step"], "constant, cosine"),
     (T + ["--seed", "-1"], "seed must be an integer >= 0"),
     (T + ["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
     (T + ["--dataset", "cifar"], "invalid choice"),

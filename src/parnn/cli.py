@@ -38,6 +38,10 @@ def _batch_size(text):
         raise argparse.ArgumentTypeError(f"expected an integer or 'full', got {text!r}")
 
 
+def _names(text):
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 def _add_data_args(p, dataset="fashion-mnist"):
     p.add_argument("--data", metavar="DIR", help="dataset directory (IDX .gz/raw files or Kaggle "
                    "CSVs); default: $PARNN_DATA, /usr/share/datasets/DATASET, the user cache")
@@ -117,6 +121,40 @@ def build_parser():
     f.add_argument("--dest", type=Path, metavar="DIR", help="default: the user cache")
     i = dsub.add_parser("info", help="where the data is, counts, classes, checksums")
     _add_data_args(i)
+
+    b = sub.add_parser("bench", help="time engines x thread counts (and peers, the C reference)",
+                       description="Time every engine at every thread count on the paper's "
+                       "workload (784-256-128-10 tanh, MSE, per-sample SGD, float64) or the "
+                       "modern one (ReLU, softmax CE, Adam, batch 128, float32); print the "
+                       "paper's table per engine; write CSV, JSON and PNG figures. Run it under "
+                       "`flock /tmp/bench.lock` on a shared machine.")
+    b.add_argument("--workload", choices=("paper", "modern"), default="paper")
+    b.add_argument("--engines", type=_names, help="comma-separated; default: serial,neuron,"
+                   "hogwild,owner for paper, batch,numpy for modern")
+    b.add_argument("--threads", type=_int_list, help="comma-separated thread counts, e.g. 1,2,4 "
+                   "(default: 1, 2, 4, ... up to all cores)")
+    b.add_argument("--hidden", type=_int_list, help="hidden layer sizes (default: 256,128)")
+    b.add_argument("--epochs", type=int, default=1, help="epochs per run (default: 1)")
+    b.add_argument("--limit-train", type=int, metavar="N", help="train on the first N samples "
+                   "(times are also reported scaled to a 60k epoch, labelled)")
+    b.add_argument("--repeat", type=int, default=3, metavar="K",
+                   help="runs per configuration, in interleaved rounds (default: 3)")
+    b.add_argument("--peers", nargs="?", const="torch,sklearn", type=_names, metavar="LIST",
+                   help="also time PyTorch and scikit-learn on the same workload (or only LIST)")
+    b.add_argument("--c-reference", type=Path, metavar="DIR",
+                   help="also time the C reference binaries nn_serial and nn_omp in DIR")
+    b.add_argument("--seed", type=int, default=1)
+    b.add_argument("--no-breakdown", action="store_true",
+                   help="skip the forward/error/update/fork-join breakdown and the model")
+    b.add_argument("--dense", action="store_true", help="per-sample engines visit every input "
+                   "weight row, even for zero pixels (like the C reference; same results)")
+    b.add_argument("--quiet-wait", type=float, default=0, metavar="S",
+                   help="before each timed run wait up to S seconds for other processes to go "
+                   "quiet (< 0.25 cores busy); default 0 = do not wait")
+    b.add_argument("--out", type=Path, default=Path("runs/bench"), metavar="DIR",
+                   help="where bench.json, bench.csv and the figures go (default: runs/bench)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_data_args(b)
     return top
 
 
@@ -158,6 +196,9 @@ def cmd_train(args):
     if args.distributed and (args.resume or args.checkpoint_dir or args.checkpoint_every):
         raise ConfigError("--resume, --checkpoint-dir and --checkpoint-every do not work with "
                           "--distributed yet")
+    if args.shards is not None and args.distributed != "ensemble":
+        raise ConfigError("--shards only applies to --distributed ensemble (each member's share "
+                          "of the training set)")
     if args.resume is not None:
         return _resume(args)
     args.dataset = args.dataset or "fashion-mnist"
@@ -372,7 +413,15 @@ def cmd_data(args):
         print(datamod.describe(ds))
 
 
-COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data}
+def cmd_bench(args):
+    from parnn import bench
+
+    _check_output_dir(args.out, "--out")
+    bench.main(args)
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data,
+            "bench": cmd_bench}
 
 
 if __name__ == "__main__":

@@ -44,3 +44,150 @@ def plot_history(history, path, title="training"):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(title)
     save_png(fig, path)
+
+
+# --- parnn bench ---------------------------------------------------------------------------------
+# series: {label: [(threads, value), ...]}; paper: {threads: seconds} from the paper's table.
+
+PAPER_LABEL = "the paper's numbers (ITS machine, 1 epoch)"
+
+
+def _threads_axis(ax, threads):
+    """log2 thread axis with the measured and the paper's counts as ticks."""
+    from matplotlib.ticker import NullFormatter
+
+    ticks = sorted(set(threads))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ticks)
+    ax.set_xticklabels([str(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("threads")
+    ax.grid(alpha=0.3, which="both")
+
+
+def _log_y(ax, base=10):
+    """Log y axis labelled with plain numbers (2, 5, 10, ... not 6 x 10^0)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    ax.set_yscale("log", base=base)
+    if base == 10:
+        ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1, 2, 5)))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _line_style(label):
+    """Engines solid, the C reference dashed, peers dotted."""
+    return "--" if label.startswith("C ") else ":" if label.startswith("peer ") else "-"
+
+
+def plot_bench_time(series, paper, path, title):
+    """Time per 60k epoch vs threads, one line per engine; with `paper`, its Figure 1 beside."""
+    plt = _figure()
+    fig, axes = plt.subplots(1, 2 if paper else 1, figsize=(11 if paper else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for label, pts in series.items():
+        pts = sorted(pts)
+        ax.plot([p for p, _ in pts], [t for _, t in pts], _line_style(label), marker="o",
+                label=label)
+    _log_y(ax)
+    ax.set_ylabel("seconds per epoch of 60,000 samples")
+    ax.set_title("this machine (measured)")
+    _threads_axis(ax, [p for pts in series.values() for p, _ in pts])
+    ax.legend(fontsize=8)
+    if paper:
+        ax2 = axes[0][1]
+        ps = sorted(paper)
+        ax2.plot(ps, [paper[p] for p in ps], "s-", color="grey", label=PAPER_LABEL)
+        for p in ps:
+            ax2.annotate(f"{paper[p]:g}", (p, paper[p]), textcoords="offset points",
+                         xytext=(0, 6), ha="center", fontsize=7)
+        ax2.set_ylabel("seconds")
+        ax2.set_title("the paper's Figure 1 (its machine, not this one)")
+        _threads_axis(ax2, ps)
+        ax2.legend(fontsize=8)
+    fig.suptitle(title, fontsize=9)
+    save_png(fig, path)
+
+
+def plot_bench_speedup(series, paper, path, title):
+    """Speedup over each line's own 1-thread time, the ideal p, and the paper's speedup."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    threads = [p for pts in series.values() for p, _ in pts]
+    for label, pts in series.items():
+        if pts:
+            pts = sorted(pts)
+            ax.plot([p for p, _ in pts], [s for _, s in pts], _line_style(label), marker="o",
+                    label=label)
+    if paper:
+        ps = sorted(paper)
+        ax.plot(ps, [paper[1] / paper[p] for p in ps], "s--", color="grey",
+                label="the paper (ITS machine)")
+        threads += ps
+    top = max(threads or [1])
+    ax.plot([1, top], [1, top], color="black", lw=0.8, label="ideal (speedup = threads)")
+    _log_y(ax, 2)
+    ax.set_ylabel("speedup over 1 thread")
+    _threads_axis(ax, threads)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=9)
+    save_png(fig, path)
+
+
+def plot_bench_breakdown(rows, path, title):
+    """Stacked bars per (engine, threads): forward, error, update, synchronisation."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
+    labels = [f"{r['engine']}\n{r['threads']}t" for r in rows]
+    bottom = [0.0] * len(rows)
+    for key, name in (("forward_s", "forward"), ("error_s", "error"), ("update_s", "update"),
+                      ("sync_s", "fork/join or barriers (empty, measured)")):
+        vals = [r[key] for r in rows]
+        ax.bar(labels, vals, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.scatter(labels, [r["total_s"] for r in rows], marker="_", s=400, color="black",
+               label="measured total", zorder=3)
+    ax.set_ylabel("seconds per run")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_title(title, fontsize=9)
+    save_png(fig, path)
+
+
+def plot_bench_model(prediction, measured, paper, path, title, paper_fit=None):
+    """Left: the model's predicted time (compute and overhead) per 60k epoch with the measured
+    points. Right: its predicted speedup beside the paper's measured speedup (and the same model
+    fitted to the paper's table, paper_fit = {threads: seconds})."""
+    plt = _figure()
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ps = [q["threads"] for q in prediction]
+    ax1.plot(ps, [q["time_s"] for q in prediction], "o--", label="PREDICTED total")
+    ax1.plot(ps, [q["compute_s"] for q in prediction], ":", label="predicted compute (serial + C/p)")
+    ax1.plot(ps, [q["overhead_s"] for q in prediction], ":", label="predicted fork/join overhead")
+    if measured:
+        m = sorted(measured)
+        ax1.plot([p for p, _ in m], [t for _, t in m], "ko",
+                 label="measured, fastest run (this machine)")
+    _log_y(ax1)
+    ax1.set_ylabel("seconds per epoch of 60,000 samples")
+    ax1.set_title("neuron engine: model fitted on this machine", fontsize=9)
+    _threads_axis(ax1, ps)
+    ax1.legend(fontsize=8)
+    t1 = prediction[0]["time_s"]
+    ax2.plot(ps, [t1 / q["time_s"] for q in prediction], "o--", label="PREDICTED, parnn neuron")
+    pp = sorted(paper)
+    ax2.plot(pp, [paper[1] / paper[p] for p in pp], "s-", color="grey",
+             label="the paper, measured (ITS machine)")
+    if paper_fit:
+        fp = sorted(paper_fit)
+        ax2.plot(fp, [paper[1] / paper_fit[p] for p in fp], "--", color="grey", lw=0.8,
+                 label="the same model fitted to the paper's table")
+    ax2.plot([1, max(ps)], [1, max(ps)], color="black", lw=0.8, label="ideal")
+    _log_y(ax2, 2)
+    ax2.set_ylabel("speedup over 1 thread")
+    _threads_axis(ax2, ps + pp)
+    ax2.legend(fontsize=8)
+    fig.suptitle(title + " — predictions beyond the measured thread counts are a model, "
+                 "not measurements", fontsize=9)
+    save_png(fig, path)
