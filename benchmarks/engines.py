@@ -81,42 +81,43 @@ class Timed:
         self.others = max(0.0, (busy - own) / max(self.seconds, 1e-9))
 
 
-def _probe_loop(n, out, i):
-    a0, a1, a2, a3, a4, a5, a6, a7 = 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6, 1.7
-    for _ in range(n):                 # 8 dependent multiply-add chains: pure core time
-        a0 = a0 * 0.9999999 + 1e-9
-        a1 = a1 * 0.9999999 + 1e-9
-        a2 = a2 * 0.9999999 + 1e-9
-        a3 = a3 * 0.9999999 + 1e-9
-        a4 = a4 * 0.9999999 + 1e-9
-        a5 = a5 * 0.9999999 + 1e-9
-        a6 = a6 * 0.9999999 + 1e-9
-        a7 = a7 * 0.9999999 + 1e-9
-    out[i] = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7
+def _probe_loop(a, reps, out, i):
+    s = 0.0
+    for _ in range(reps):              # stream a 640 KB buffer: L2-resident on a core of our own
+        for k in range(a.shape[0]):
+            s += a[k]
+    out[i] = s
 
 
 _probe = None
 
 
-def two_core_probe(n=10_000_000):
-    """Seconds(two loops on two threads at once) / seconds(one loop alone)."""
+def two_core_probe(kb=640, reps=300):
+    """Seconds(two threads each streaming its own 640 KB at once) / seconds(one alone), median
+    of 3. ~1.0: two cores with private L2s (what owner is built for); ~2: the two vCPUs share a
+    core or its L2 (SMT siblings on the host, or a noisy neighbour) at that moment."""
     global _probe
     import threading
 
     from numba import njit
+    time.sleep(0.3)       # let idle BLAS / OpenMP worker threads stop spinning first
     if _probe is None:
-        _probe = njit(nogil=True)(_probe_loop)
-        _probe(10, np.zeros(2), 0)
-    out = np.zeros(2)
-    t = time.perf_counter()
-    _probe(n, out, 0)
-    solo = time.perf_counter() - t
-    th = threading.Thread(target=_probe, args=(n, out, 1))
-    t = time.perf_counter()
-    th.start()
-    _probe(n, out, 0)
-    th.join()
-    return (time.perf_counter() - t) / solo
+        _probe = njit(nogil=True, fastmath=True)(_probe_loop)
+    a, b, out = np.ones(kb * 128), np.ones(kb * 128), np.zeros(2)
+    _probe(a, 2, out, 0)
+    _probe(b, 2, out, 1)
+    ratios = []
+    for _ in range(3):
+        t = time.perf_counter()
+        _probe(a, reps, out, 0)
+        solo = time.perf_counter() - t
+        th = threading.Thread(target=_probe, args=(b, reps, out, 1))
+        t = time.perf_counter()
+        th.start()
+        _probe(a, reps, out, 0)
+        th.join()
+        ratios.append((time.perf_counter() - t) / solo)
+    return median(ratios)
 
 
 def median(xs):
@@ -189,13 +190,16 @@ def w1_run(name, threads, data, dense=False, seed=1):
     with threadpool_limits(threads, user_api="blas"):
         eng.train_epoch(net.copy(), SGD(1, "float64", 0.01), X, T, order[:10], 1)   # compile
         probe = two_core_probe() if threads > 1 else None
+        fell_back = getattr(eng, "serial_chunks", 0)
         with Timed() as t:
             for start in range(0, len(order), step):
                 eng.train_epoch(net, opt, X, T, order[start:start + step], 1)
+        fell_back = getattr(eng, "serial_chunks", 0) - fell_back
         acc = float(np.mean(net.predict(Xt) == yt))
     eng.dense = False
     return {"train_s": t.seconds, "others": t.others, "test_acc": acc, "probe": probe,
-            "param_sum": float(net.params.sum())}
+            "param_sum": float(net.params.sum()), "serial_chunks": fell_back,
+            "chunks": -(-len(order) // step)}
 
 
 def build_c(workdir):
@@ -244,9 +248,9 @@ def w2_run(name, threads, data, seed=1):
     opt = Adam(spec.n_params, spec.dtype, 1e-3)
     order = np.random.default_rng(seed + 1).permutation(len(X))
     step = chunk_size(eng, 128, len(order))
+    probe = two_core_probe() if threads > 1 else None     # before BLAS threads start spinning
     with threadpool_limits(threads, user_api="blas"):
         eng.train_epoch(net.copy(), Adam(spec.n_params, spec.dtype, 1e-3), X, T, order[:256], 128)
-        probe = two_core_probe() if threads > 1 else None
         with Timed() as t:
             for start in range(0, len(order), step):
                 eng.train_epoch(net, opt, X, T, order[start:start + step], 128)
@@ -261,9 +265,9 @@ def gemm_peak(threads, n=4096, reps=3):
     rng = np.random.default_rng(0)
     a, b = rng.random((n, n), np.float32), rng.random((n, n), np.float32)
     c = np.empty((n, n), np.float32)
+    probe = two_core_probe() if threads > 1 else None
     with threadpool_limits(threads, user_api="blas"):
         np.matmul(a, b, out=c)
-        probe = two_core_probe() if threads > 1 else None
         times, others = [], []
         for _ in range(reps):
             with Timed() as t:
@@ -310,6 +314,143 @@ def compile_times():
         return res
 
 
+# --- profile: where a sample's time goes (--profile) -------------------------------------------
+
+PHASES = ("W0 update+forward", "wait", "W1 forward", "wait", "W2 forward", "wait",
+          "output delta", "W2 errors+update", "wait", "combine e2", "W1 errors+update", "wait",
+          "combine e1")
+
+
+def _profiled_owner_thread():
+    """kernels.owner_thread with a cycle counter around every phase (same helpers, same work)."""
+    from llvmlite import ir
+    from numba import njit, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic
+
+    from parnn.engines.kernels import (NONE, barrier, input_forward, input_rows,
+                                       input_update_forward, layer, out_buf, output_delta, p_buf,
+                                       rows_error_update, rows_forward, span, combine_errors)
+
+    @intrinsic
+    def cycles(typingctx):
+        def codegen(context, builder, sig, args):
+            fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.IntType(64), []),
+                                                "llvm.readcyclecounter")
+            return builder.call(fn, [])
+        return types.int64(), codegen
+
+    @njit(nogil=True)
+    def run(tid, nt, params, WTb, lay, X, T, order, lr, tiny, hid, out, loss_code, A, D, G, P,
+            Po, Do, flags, rows, prof):
+        L = lay.shape[0]
+        first = L - L
+        b0 = layer(params, lay, first)[1]
+        a1 = out_buf(A, lay, first)
+        lo1, hi1, _, _ = span(tid, nt, lay[first, 3])
+        WT, b0s, a1s, G1 = WTb[tid], b0[lo1:hi1], a1[lo1:hi1], G[lo1:hi1]
+        po, do = Po[tid], Do[tid]
+        k = 0
+        for s in range(order.shape[0]):
+            x = X[order[s]]
+            t = cycles()
+            if s == 0:
+                nr = input_rows(x, x, False, rows)
+                input_forward(WT, b0s, x, a1s, hid, rows, nr)
+            else:
+                xp = X[order[s - 1]]
+                nr = input_rows(x, xp, False, rows)
+                input_update_forward(WT, b0s, G1, xp, x, a1s, hid, rows, nr)
+            u = cycles(); prof[0] += u - t
+            k += 1
+            barrier(flags, tid, nt, k)
+            t = cycles(); prof[1] += t - u
+            for l in range(1, L):
+                W, b = layer(params, lay, l)
+                lo, hi, _, _ = span(tid, nt, lay[l, 3])
+                rows_forward(W, b, out_buf(A, lay, l - 1), out_buf(A, lay, l), lo, hi,
+                             hid if l < L - 1 else NONE)
+                u = cycles(); prof[2 * l] += u - t
+                k += 1
+                barrier(flags, tid, nt, k)
+                t = cycles(); prof[2 * l + 1] += t - u
+            output_delta(out_buf(A, lay, L - 1), T[order[s]], out, loss_code, tiny, po, do)
+            u = cycles(); prof[6] += u - t
+            d = do
+            for l in range(L - 1, 0, -1):
+                W, b = layer(params, lay, l)
+                Pl = p_buf(P, lay, l)
+                _, _, blk0, blk1 = span(tid, nt, lay[l, 3])
+                rows_error_update(W, b, d, lr, out_buf(A, lay, l - 1), Pl, blk0, blk1)
+                t = cycles(); prof[7 + 3 * (L - 1 - l)] += t - u
+                k += 1
+                barrier(flags, tid, nt, k)
+                u = cycles(); prof[8 + 3 * (L - 1 - l)] += u - t
+                lo, hi, _, _ = span(tid, nt, lay[l, 2])
+                d = out_buf(D, lay, l - 1)
+                combine_errors(Pl, out_buf(A, lay, l - 1), hid, d, lo, hi)
+                t = cycles(); prof[9 + 3 * (L - 1 - l)] += t - u
+                u = t
+            for j in range(lo1, hi1):
+                G[j] = lr * d[j]
+    return run
+
+
+def profile(n=6000):
+    """Cycles per sample of each phase, per thread, for owner at 1 thread (= serial's work
+    split) and 2 threads: W1 workload, real data, float64, zero inputs skipped."""
+    import numba
+
+    from parnn.data import load_dataset, one_hot
+    from parnn.engines import kernels as K
+    from parnn.model import MLP, Spec
+
+    run = _profiled_owner_thread()
+    ds = load_dataset(dtype="float64", limit_train=n)
+    X, T = ds.X_train, one_hot(ds.y_train, 10, "float64")
+    spec = Spec((784, 256, 128, 10))
+    lay, na, npart = K.layer_table(spec)
+    out = {"probe_before": two_core_probe()}
+    for nt in (1, 2):
+        numba.set_num_threads(nt)
+        for rep in range(2):                           # the first one compiles
+            net = MLP(spec, seed=1)
+            WTb = K.blocked_transpose(net.W[0], nt)
+            A, D, G, P = K.PerSampleEngine.buffers(lay, np.dtype("float64"), na, npart)
+            m = K._pad(10)
+            Po, Do = np.zeros((nt, m)), np.zeros((nt, m))
+            flags = K._aligned(nt * K.FLAG, np.int64)
+            rows = np.empty((nt, 784), np.int64)
+            prof = np.zeros((nt, 16), np.int64)
+            t0 = time.perf_counter()
+            K.run_threads(nt, lambda t: run(t, nt, net.params, WTb, lay, X, T, np.arange(n),
+                                            0.01, 1e-300, 0, 0, 0, A, D, G, P, Po, Do, flags,
+                                            rows[t], prof[t]))
+            wall = time.perf_counter() - t0
+        out[nt] = {"us_per_sample": wall / n * 1e6,
+                   "kcycles": (prof[:, :len(PHASES)] / n / 1000).round(2).tolist()}
+    out["probe_after"] = two_core_probe()
+    return out
+
+
+def profile_report(p):
+    lines = ["| phase (kcycles per sample, TSC) | 1 thread | 2 threads: thread 0 | thread 1 |",
+             "|---|---|---|---|"]
+    for i, name in enumerate(PHASES):
+        one = p[1]["kcycles"][0][i]
+        t0, t1 = p[2]["kcycles"][0][i], p[2]["kcycles"][1][i]
+        if max(one, t0, t1) >= 0.05:
+            lines.append(f"| {name} | {one:.1f} | {t0:.1f} | {t1:.1f} |")
+    tot1 = sum(p[1]["kcycles"][0])
+    tot2 = [sum(p[2]["kcycles"][t]) for t in (0, 1)]
+    lines.append(f"| **total** | **{tot1:.1f}** | **{tot2[0]:.1f}** | **{tot2[1]:.1f}** |")
+    lines.append(f"| wall µs per sample | {p[1]['us_per_sample']:.1f} | "
+                 f"{p[2]['us_per_sample']:.1f} | |")
+    lines.append(f"\n2-core probe before / after: {p['probe_before']:.2f} / {p['probe_after']:.2f} "
+                 "(1.0 = two real cores)")
+    return "\n".join(lines)
+
+
 # --- report ------------------------------------------------------------------------------------
 
 def summarize(runs):
@@ -319,6 +460,7 @@ def summarize(runs):
     probes = [r["probe"] for r in runs if r.get("probe") is not None]
     s["probe_max"] = round(max(probes), 2) if probes else None
     s["min_s"] = min(r["train_s"] for r in runs)
+    s["serial_chunks"] = [r.get("serial_chunks", 0) for r in runs]
     s["test_acc"] = [r["test_acc"] for r in runs]
     if "gflops" in runs[0]:
         s["gflops"] = W2_FLOP / s["train_s"] / 1e9
@@ -335,9 +477,10 @@ def report(res):
                                f"({b['threading_layer']})" for b in m["blas"]),
            f"Env: {m['env']}; load average at start {' '.join(m['loadavg_start'])}.",
            f"Runs per configuration: {res['runs']} (medians; rounds interleaved). "
-           "'others' = CPU cores used by other processes during the run, '2-core probe' = how "
-           "much two independent loops slow each other down just before the run (1.0 = two "
-           "real cores), both the worst over the runs.", ""]
+           "'others' = CPU cores used by other processes in the VM during the run, '2-core "
+           "probe' = how much two threads streaming their own L2-sized buffers slow each other "
+           "down just before the run (1.0 = two cores with private L2s, 2.0 = shared), both "
+           "the worst over the runs.", ""]
 
     w1 = res["w1"]
     c_ser = w1.get("C nn_serial", {}).get("train_s")
@@ -354,6 +497,9 @@ def report(res):
         pr = f"{s['probe_max']:.2f}" if s["probe_max"] is not None else ""
         out.append(f"| {eng} | {th} | **{s['train_s']:.2f}** | {rs} | {r1} | {r2} | {acc} | "
                    f"{s['others_max']:.2f} | {pr} |")
+    fb = {k: v["serial_chunks"] for k, v in w1.items() if any(v["serial_chunks"])}
+    out += ["", "owner's contention fallback (chunks of 2000 run serially, per run; 30 chunks "
+            "per epoch): " + (", ".join(f"{k}: {v}" for k, v in fb.items()) if fb else "none")]
     t = res["targets"]
     out += ["", "Targets (W1):",
             f"- serial <= 0.35 x C serial: {t['serial_vs_c']:.3f} x -> "
@@ -405,7 +551,14 @@ def main(argv=None):
     ap.add_argument("--skip-c", action="store_true", help="no C reference runs")
     ap.add_argument("--skip-compile", action="store_true", help="no start-up measurement")
     ap.add_argument("--engines", default=",".join(PER_SAMPLE))
+    ap.add_argument("--profile", action="store_true",
+                    help="only the per-phase profile of a sample (owner at 1 and 2 threads)")
     args = ap.parse_args(argv)
+    if args.profile:
+        check_lock()
+        p = profile()
+        print(profile_report(p))
+        return
 
     locked = check_lock()
     import numba

@@ -799,10 +799,15 @@ def run(opts, log=print):
     bar = tqdm(total=steps, desc="bench", unit="step", file=sys.stderr, disable=not opts.progress,
                dynamic_ncols=True)
     try:
-        res["gemm_peak_gflops"] = {}
+        res["gemm_peak_gflops"], res["gemm_peak_others"] = {}, {}
         for p in all_threads:
+            if opts.quiet_wait:
+                bar.set_postfix_str("waiting for other processes to go quiet")
+                wait_for_quiet(opts.quiet_wait)
             bar.set_postfix_str(f"GEMM peak, {p} thread(s)")
-            res["gemm_peak_gflops"][p] = gemm_peak(spec.dtype, p)
+            with Timer() as t:
+                res["gemm_peak_gflops"][p] = gemm_peak(spec.dtype, p)
+            res["gemm_peak_others"][p] = t.others
             bar.update()
         for key, f in configs.items():               # compile, start pools: not timed
             bar.set_postfix_str(f"warm-up {key[1]} {key[2]}t")
@@ -986,8 +991,9 @@ def report(res):
             out.append(line)
     if any(r["oversubscribed"] for r in rows):
         out.append("* more threads than cores")
-    out += ["", "GEMM peak (GFLOP/s, %s, %d^3 matmul): " % (wl["dtype"], GEMM_N) + ", ".join(
-        f"{p} thread(s) {g:.1f}" for p, g in res["gemm_peak_gflops"].items())]
+    out += ["", "GEMM peak (GFLOP/s, %s, %d^3 matmul; others): " % (wl["dtype"], GEMM_N) + ", ".join(
+        f"{p} thread(s) {g:.1f} ({_f(res['gemm_peak_others'].get(p), '.2f')})"
+        for p, g in res["gemm_peak_gflops"].items())]
     if res.get("breakdown"):
         out += ["", f"Where the time goes (s per run; total = the fastest run; phases timed on "
                 f"{res['phases']['samples']} samples and scaled; update = total - the rest)",

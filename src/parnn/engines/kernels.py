@@ -156,18 +156,19 @@ def spin_wait(spins):
 
 @njit(cache=True)
 def barrier(flags, tid, nt, k):
-    """Wait until all nt threads reached barrier number k. Returns how many times it had to
-    yield the core (0 unless a partner thread was descheduled: the machine is oversubscribed)."""
+    """Wait until all nt threads reached barrier number k. Returns 1 if it waited so long (over
+    SPIN pauses, ~0.1 ms) that it had to yield the core, else 0."""
     atomic_store(flags, tid * FLAG, k)
-    yields = 0
+    slow = 0
     for o in range(nt):
         if o != tid:
             spins = 0
             while atomic_load(flags, o * FLAG) < k:
                 spin_wait(spins)
                 spins += 1
-            yields += max(spins - SPIN, 0)
-    return yields
+            if spins > SPIN:
+                slow = 1
+    return slow
 
 
 # --- activations: forward and derivative side by side (derivative from the OUTPUT a) ---------
@@ -623,7 +624,7 @@ def owner_thread(tid, nt, params, WTb, lay, X, T, order, lr, tiny, hid, out, los
                  A, D, G, P, Po, Do, flags, rows, dense):
     """Thread tid's share of every sample.
 
-    Returns (loss_sum, correct, yields): thread 0 counts the samples; yields = how often its
+    Returns (loss_sum, correct, slow): thread 0 counts the samples; slow = how many of its
     barriers had to give the core away.
 
     Thread tid owns the neurons span(tid, nt, n) of every layer: their rows of W (columns of
@@ -640,7 +641,7 @@ def owner_thread(tid, nt, params, WTb, lay, X, T, order, lr, tiny, hid, out, los
     WT, b0s, a1s, G1 = WTb[tid], b0[lo1:hi1], a1[lo1:hi1], G[lo1:hi1]
     po, do = Po[tid], Do[tid]
     k = 0                                     # barriers passed
-    yields = 0                                # see barrier()
+    slow = 0                                  # barriers that had to yield (see barrier())
     loss_sum, correct = 0.0, 0
     for s in range(order.shape[0]):
         i = order[s]
@@ -654,14 +655,14 @@ def owner_thread(tid, nt, params, WTb, lay, X, T, order, lr, tiny, hid, out, los
             nr = input_rows(x, xp, dense, rows)
             input_update_forward(WT, b0s, G1, xp, x, a1s, code0, rows, nr)
         k += 1
-        yields += barrier(flags, tid, nt, k)                  # BARRIER: layer 1 complete
+        slow += barrier(flags, tid, nt, k)                  # BARRIER: layer 1 complete
         for l in range(1, L):
             W, b = layer(params, lay, l)
             lo, hi, _, _ = span(tid, nt, lay[l, 3])
             rows_forward(W, b, out_buf(A, lay, l - 1), out_buf(A, lay, l), lo, hi,
                          hid if l < L - 1 else NONE)
             k += 1
-            yields += barrier(flags, tid, nt, k)              # BARRIER: layer l+1 complete
+            slow += barrier(flags, tid, nt, k)              # BARRIER: layer l+1 complete
         loss, hit = output_delta(out_buf(A, lay, L - 1), T[i], out, loss_code, tiny, po, do)
         if tid == 0:
             loss_sum += loss
@@ -673,7 +674,7 @@ def owner_thread(tid, nt, params, WTb, lay, X, T, order, lr, tiny, hid, out, los
             _, _, blk0, blk1 = span(tid, nt, lay[l, 3])
             rows_error_update(W, b, d, lr, out_buf(A, lay, l - 1), Pl, blk0, blk1)
             k += 1
-            yields += barrier(flags, tid, nt, k)              # BARRIER: all partial errors in
+            slow += barrier(flags, tid, nt, k)              # BARRIER: all partial errors in
             lo, hi, _, _ = span(tid, nt, lay[l, 2])
             d = out_buf(D, lay, l - 1)
             combine_errors(Pl, out_buf(A, lay, l - 1), hid, d, lo, hi)
@@ -683,14 +684,14 @@ def owner_thread(tid, nt, params, WTb, lay, X, T, order, lr, tiny, hid, out, los
             # no backward barrier: wait until everyone has read the output before the next
             # sample overwrites it
             k += 1
-            yields += barrier(flags, tid, nt, k)                 # BARRIER: output read
+            slow += barrier(flags, tid, nt, k)                 # BARRIER: output read
         if s == 0:
-            yields = 0                        # the first sample waits for the threads to start
+            slow = 0                          # the first sample waits for the threads to start
     if order.shape[0] > 0:
         xp = X[order[-1]]
         nr = input_rows(xp, xp, dense, rows)
         input_update(WT, b0s, G1, xp, rows, nr)
-    return loss_sum, correct, yields
+    return loss_sum, correct, slow
 
 
 # --- the engines --------------------------------------------------------------------------------
@@ -882,15 +883,16 @@ class OwnerEngine(PerSampleEngine):
                    "whole chunk; spin barriers between layers instead of fork/join")
     threads_by = "python threads running nogil kernels"
     # 5 barriers per sample need every thread on its own core. When another process takes a
-    # core, a barrier waits for a whole time slice and an epoch can take 10x longer. So: if a
-    # chunk's barriers had to yield the core more than once per YIELD_LIMIT samples, run the
+    # core, a barrier waits for a whole time slice and an epoch can take 10x longer. So: if
+    # more than one barrier per SLOW_LIMIT samples of a chunk had to yield the core, run the
     # next COOLDOWN chunks with the serial kernel (bit-identical results), then try again.
-    YIELD_LIMIT = 100
+    SLOW_LIMIT = 100
     COOLDOWN = 4
 
     def __init__(self, name):
         super().__init__(name)
         self._cooldown = 0
+        self.last_slow = 0            # slow barriers in the last threaded chunk
         self.contended_chunks = 0     # chunks whose barriers kept yielding
         self.serial_chunks = 0        # chunks run serially because of that
 
@@ -913,7 +915,8 @@ class OwnerEngine(PerSampleEngine):
         results = run_threads(nt, lambda t: owner_thread(t, nt, params, WTb, lay, X, T, order,
                                                          *args, A, D, G, P, Po, Do, flags,
                                                          rows[t], self.dense))
-        if sum(r[2] for r in results) * self.YIELD_LIMIT > len(order):
+        self.last_slow = sum(r[2] for r in results)
+        if self.last_slow * self.SLOW_LIMIT > len(order):
             self.contended_chunks += 1
             self._cooldown = self.COOLDOWN
         return results[0][0], results[0][1]                    # thread 0 counts
