@@ -35,8 +35,11 @@ LR_SCHEDULES = ("constant", "cosine")
 PRESETS = {"paper": PAPER, "modern": MODERN}
 DEFAULT_PRESET = "modern"
 
-# Which engine "auto" picks: the fastest measured one that supports the settings.
-AUTO_PER_SAMPLE = ("neuron", "serial", "numpy")
+# Which engine "auto" picks for per-sample SGD: `serial`. On an idle machine `owner` is faster
+# at 2 threads (docs/RESULTS.md, W1: 2.18 s against 2.80 s), but its spin barriers collapse when
+# another process competes for the cores (9.5 s against 3.1 s measured with a busy neighbour),
+# so it is opt-in with --engine owner.
+AUTO_PER_SAMPLE = ("serial", "numpy")
 AUTO_BATCH = ("batch", "numpy")
 
 
