@@ -13,7 +13,7 @@ import numba
 import numpy as np
 import pytest
 
-from parnn.engines import get_engine, kernels
+from parnn.engines import get_engine
 from parnn.errors import ConfigError
 from parnn.model import MLP, Spec
 from parnn.optim import make_optimizer
