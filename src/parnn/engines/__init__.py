@@ -42,6 +42,23 @@ class EpochStats:
         return self.correct / max(self.n, 1)
 
 
+def contiguous_inputs(net, X, T, order):
+    """X, T in the network's dtype and the order as int64, all contiguous, checked to fit the
+    network: the compiled engines index them without bounds checks."""
+    import numpy as np
+
+    spec, dt = net.spec, net.params.dtype
+    X = np.ascontiguousarray(X, dt)
+    T = np.ascontiguousarray(T, dt)
+    order = np.ascontiguousarray(order, np.int64)
+    if X.ndim != 2 or X.shape[1] != spec.sizes[0] or T.shape != (len(X), spec.sizes[-1]):
+        raise ConfigError(f"data of shape {X.shape} / {T.shape} does not fit network "
+                          f"{'-'.join(map(str, spec.sizes))}")
+    if len(order) and (order.min() < 0 or order.max() >= len(X)):
+        raise ConfigError(f"sample order has indices outside 0..{len(X) - 1}")
+    return X, T, order
+
+
 # name -> (module, attribute); modules are imported on first use so that `--engine numpy`
 # never pays Numba's import and compile time.
 _REGISTRY = {

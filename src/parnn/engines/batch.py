@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from parnn.engines import EpochStats
+from parnn.engines import EpochStats, contiguous_inputs
 from parnn.engines.kernels import (ACT_CODES, LOSS_CODES, RELU, SIGMOID, TANH, dact,
                                    optimizer_name, output_delta, typed)
 from parnn.errors import ConfigError
@@ -167,11 +167,7 @@ class BatchEngine:
         spec = net.spec
         self.check(spec, opt, batch_size)
         dt = net.params.dtype
-        X = np.ascontiguousarray(X, dt)
-        T = np.ascontiguousarray(T, dt)
-        order = np.asarray(order, np.int64)
-        if len(order) and (order.min() < 0 or order.max() >= len(X)):
-            raise ConfigError(f"sample order has indices outside 0..{len(X) - 1}")
+        X, T, order = contiguous_inputs(net, X, T, order)
         B = min(batch_size, max(len(order), 1))
         ws = self.workspace(spec, B)
         L = spec.n_layers

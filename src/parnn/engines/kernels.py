@@ -59,7 +59,7 @@ from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-from parnn.engines import EpochStats
+from parnn.engines import EpochStats, contiguous_inputs
 from parnn.errors import ConfigError
 
 TANH, SIGMOID, RELU, SOFTMAX = 0, 1, 2, 3
@@ -784,14 +784,7 @@ class PerSampleEngine:
         spec = net.spec
         self.check(spec, opt, batch_size)
         dt = net.params.dtype
-        X = np.ascontiguousarray(X, dt)
-        T = np.ascontiguousarray(T, dt)
-        order = np.ascontiguousarray(order, np.int64)
-        if X.ndim != 2 or X.shape[1] != spec.sizes[0] or T.shape != (len(X), spec.sizes[-1]):
-            raise ConfigError(f"data of shape {X.shape} / {T.shape} does not fit network "
-                              f"{'-'.join(map(str, spec.sizes))}")
-        if len(order) and (order.min() < 0 or order.max() >= len(X)):
-            raise ConfigError(f"sample order has indices outside 0..{len(X) - 1}")
+        X, T, order = contiguous_inputs(net, X, T, order)
         if dt.name not in self.compile_s:
             self.warm_up(spec, dt)
         loss_sum, correct = self.train(net.params, net.W[0], spec, X, T, order, opt.lr)
