@@ -13,6 +13,7 @@ train: setup data
 	$(VENV)/bin/parnn train $(TRAIN_ARGS)
 
 test: setup data
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 setup: $(VENV)/.installed

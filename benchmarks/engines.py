@@ -173,14 +173,14 @@ def w1_run(name, threads, data, dense=False, seed=1):
     import numba
     from threadpoolctl import threadpool_limits
 
-    from parnn.engines import get_engine
-    from parnn.model import MLP, Spec
-    from parnn.optim import SGD
-    from parnn.train import chunk_size
+    from parnn.engines import make_engine
+    from parnn.core.model import MLP, Spec
+    from parnn.core.optim import SGD
+    from parnn.run.train import chunk_size
 
     X, T, Xt, yt = data
     spec = Spec((784, 256, 128, 10), "tanh", "tanh", "mse", "float64")
-    eng = get_engine(name)
+    eng = make_engine(name)
     eng.dense = dense
     net = MLP(spec, init="xavier", seed=seed)
     opt = SGD(spec.n_params, spec.dtype, 0.01)
@@ -188,12 +188,12 @@ def w1_run(name, threads, data, dense=False, seed=1):
     step = chunk_size(eng, 1, len(order))
     numba.set_num_threads(threads)
     with threadpool_limits(threads, user_api="blas"):
-        eng.train_epoch(net.copy(), SGD(1, "float64", 0.01), X, T, order[:10], 1)   # compile
+        eng.train(net.copy(), SGD(1, "float64", 0.01), X, T, order[:10], 1)   # compile
         probe = two_core_probe() if threads > 1 else None
         fell_back = getattr(eng, "serial_chunks", 0)
         with Timed() as t:
             for start in range(0, len(order), step):
-                eng.train_epoch(net, opt, X, T, order[start:start + step], 1)
+                eng.train(net, opt, X, T, order[start:start + step], 1)
         fell_back = getattr(eng, "serial_chunks", 0) - fell_back
         acc = float(np.mean(net.predict(Xt) == yt))
     eng.dense = False
@@ -236,24 +236,24 @@ def w2_setup():
 def w2_run(name, threads, data, seed=1):
     from threadpoolctl import threadpool_limits
 
-    from parnn.engines import get_engine
-    from parnn.model import MLP, Spec
-    from parnn.optim import Adam
-    from parnn.train import chunk_size
+    from parnn.engines import make_engine
+    from parnn.core.model import MLP, Spec
+    from parnn.core.optim import Adam
+    from parnn.run.train import chunk_size
 
     X, T, Xt, yt = data
     spec = Spec((784, 256, 128, 10), "relu", "softmax", "cross_entropy", "float32")
-    eng = get_engine(name)
+    eng = make_engine(name)
     net = MLP(spec, init="he", seed=seed)
     opt = Adam(spec.n_params, spec.dtype, 1e-3)
     order = np.random.default_rng(seed + 1).permutation(len(X))
     step = chunk_size(eng, 128, len(order))
     probe = two_core_probe() if threads > 1 else None     # before BLAS threads start spinning
     with threadpool_limits(threads, user_api="blas"):
-        eng.train_epoch(net.copy(), Adam(spec.n_params, spec.dtype, 1e-3), X, T, order[:256], 128)
+        eng.train(net.copy(), Adam(spec.n_params, spec.dtype, 1e-3), X, T, order[:256], 128)
         with Timed() as t:
             for start in range(0, len(order), step):
-                eng.train_epoch(net, opt, X, T, order[start:start + step], 128)
+                eng.train(net, opt, X, T, order[start:start + step], 128)
         acc = float(np.mean(net.predict(Xt) == yt))
     return {"train_s": t.seconds, "others": t.others, "test_acc": acc, "probe": probe,
             "gflops": W2_FLOP / t.seconds / 1e9}
@@ -283,21 +283,21 @@ def gemm_peak(threads, n=4096, reps=3):
 COMPILE_SNIPPET = """
 import time, numpy as np
 t0 = time.perf_counter()
-from parnn.engines import get_engine
-from parnn.model import Spec
+from parnn.engines import make_engine
+from parnn.core.model import Spec
 t1 = time.perf_counter()
 out = {"import_s": t1 - t0}
 for name in ("serial", "neuron", "hogwild", "owner", "batch"):
-    eng = get_engine(name)
+    eng = make_engine(name)
     t = time.perf_counter()
     if eng.per_sample:
         eng.warm_up(Spec((784, 256, 128, 10)), np.dtype("float64"))
     else:
-        from parnn.model import MLP
-        from parnn.optim import Adam
+        from parnn.core.model import MLP
+        from parnn.core.optim import Adam
         spec = Spec((8, 4, 3), "relu", "softmax", "cross_entropy", "float32")
         net = MLP(spec); X = np.zeros((4, 8), np.float32); T = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
-        eng.train_epoch(net, Adam(spec.n_params, "float32", 1e-3), X, T, np.arange(4), 2)
+        eng.train(net, Adam(spec.n_params, "float32", 1e-3), X, T, np.arange(4), 2)
     out[name] = time.perf_counter() - t
 print(out)
 """
@@ -328,7 +328,7 @@ def _profiled_owner_thread():
     from numba.core import cgutils
     from numba.extending import intrinsic
 
-    from parnn.engines.kernels import (NONE, barrier, input_forward, input_rows,
+    from parnn.engines.persample import (NONE, barrier, input_forward, input_rows,
                                        input_update_forward, layer, out_buf, output_delta, p_buf,
                                        rows_error_update, rows_forward, span, combine_errors)
 
@@ -402,8 +402,8 @@ def profile(n=6000):
     import numba
 
     from parnn.data import load_dataset, one_hot
-    from parnn.engines import kernels as K
-    from parnn.model import MLP, Spec
+    from parnn.engines import persample as K
+    from parnn.core.model import MLP, Spec
 
     run = _profiled_owner_thread()
     ds = load_dataset(dtype="float64", limit_train=n)
@@ -605,8 +605,8 @@ def main(argv=None):
         res["threading_layer"] = None
     res["gemm_peak"] = {str(th): gemm_peak(th) for th in (1, 2)}
 
-    from parnn.engines import get_engine
-    res["engine_info"] = {e: get_engine(e).info() for e in engines + ["batch"]}
+    from parnn.engines import make_engine
+    res["engine_info"] = {e: make_engine(e).info() for e in engines + ["batch"]}
 
     w1 = res["w1"]
     two = {k: v["train_s"] for k, v in w1.items()

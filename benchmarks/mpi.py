@@ -62,9 +62,9 @@ def compute_micro(batches, reps=30):
     and seconds per Adam step (every rank applies the whole step: it does not shrink with p)."""
     from threadpoolctl import threadpool_limits
 
-    from parnn.model import MLP
-    from parnn.optim import make_optimizer
-    from parnn.train import make_config
+    from parnn.core.model import MLP
+    from parnn.core.optim import make_optimizer
+    from parnn.run.train import make_config
 
     spec = make_config("modern").spec()
     net = MLP(spec, init="he", seed=0)
@@ -193,7 +193,7 @@ def main():
     if args.cmd == "allreduce":
         return allreduce_micro([int(s) for s in args.sizes.split(",")], args.reps)
 
-    from parnn.train import make_config
+    from parnn.run.train import make_config
 
     n_params = make_config("modern").spec().n_params
     nbytes = 4 * n_params

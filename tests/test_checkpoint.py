@@ -9,8 +9,9 @@ import time
 import numpy as np
 import pytest
 
-from parnn import checkpoint, io, train
-from parnn.checkpoint import NEWEST, PREVIOUS
+from parnn import io
+from parnn.run import checkpoint, train
+from parnn.run.checkpoint import NEWEST, PREVIOUS
 from parnn.data import FASHION_CLASSES, Dataset
 from parnn.errors import DivergenceError, ModelFileError
 from synthetic_data import parnn, popen, write_dataset
@@ -90,11 +91,11 @@ def test_training_reads_the_dataset_in_place(monkeypatch):
     """Memory: the dataset is held once; epochs shuffle an index order, they copy no data."""
     ds = blobs()
     ds.X_train = ds.X_train.astype(np.float64)  # the model's dtype, as load_dataset gives it
-    engine, seen = train.get_engine("numpy"), []
-    real = engine.train_epoch
-    monkeypatch.setattr(engine, "train_epoch", lambda net, opt, X, T, order, bs:
+    engine, seen = train.make_engine("numpy"), []
+    real = engine.train
+    monkeypatch.setattr(engine, "train", lambda net, opt, X, T, order, bs:
                         (seen.append((X, T)), real(net, opt, X, T, order, bs))[1])
-    train.fit(config(epochs=2), ds, **QUIET)
+    train.fit(config(epochs=2), ds, engine=engine, **QUIET)
     assert all(X is ds.X_train for X, _ in seen)
     assert all(T is seen[0][1] for _, T in seen)  # one-hot targets built once per run
 
@@ -127,11 +128,12 @@ def test_a_fresh_run_still_shuffles_with_the_seed_plus_1_stream(tmp_path, monkey
     """Checkpointing must not change what a run computes: epoch e trains on the e-th
     permutation of default_rng(seed + 1), as before resuming existed."""
     ds, cfg = blobs(), config(epochs=2)
-    engine, seen = train.get_engine("numpy"), []
-    real = engine.train_epoch
-    monkeypatch.setattr(engine, "train_epoch", lambda net, opt, X, T, order, bs:
+    engine, seen = train.make_engine("numpy"), []
+    real = engine.train
+    monkeypatch.setattr(engine, "train", lambda net, opt, X, T, order, bs:
                         (seen.append(order.copy()), real(net, opt, X, T, order, bs))[1])
-    train.fit(cfg, ds, checkpoints=checkpoint.Checkpointer(tmp_path, 4), **QUIET)
+    train.fit(cfg, ds, checkpoints=checkpoint.Checkpointer(tmp_path, 4), engine=engine,
+              **QUIET)
     rng = np.random.default_rng(cfg.seed + 1)
     assert np.array_equal(np.concatenate(seen), np.concatenate([rng.permutation(240),
                                                                 rng.permutation(240)]))

@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from parnn import __version__, cli, io
-from parnn.checkpoint import NEWEST, PREVIOUS
-from parnn.model import MLP, Spec
+from parnn.run.checkpoint import NEWEST, PREVIOUS
+from parnn.core.model import MLP, Spec
 from synthetic_data import idx_bytes, parnn, write_dataset
 
 TRAIN = ["--hidden", "16", "--epochs", "2", "--engine", "numpy", "--threads", "1",

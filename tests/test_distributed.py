@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parnn import cli, io, train
+from parnn import cli, io
+from parnn.run import train
 from parnn.data import FASHION_CLASSES, Dataset, load_dataset
 from parnn.distributed import SEED_STRIDE, combine_outputs, member_seed, shard_indices
 
@@ -104,7 +105,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     import numpy as np
     from mpi4py import MPI
-    from parnn import train
+    from parnn.run import train
     from parnn.distributed import AllreduceEngine, params_sha256
     sys.path.insert(0, sys.argv[2])
     from test_distributed import blobs

@@ -13,10 +13,10 @@ import numba
 import numpy as np
 import pytest
 
-from parnn.engines import get_engine
+from parnn.engines import make_engine
 from parnn.errors import ConfigError
-from parnn.model import MLP, Spec
-from parnn.optim import make_optimizer
+from parnn.core.model import MLP, Spec
+from parnn.core.optim import make_optimizer
 
 PER_SAMPLE = ("serial", "neuron", "hogwild", "owner")
 ENGINES = PER_SAMPLE + ("batch",)
@@ -38,8 +38,8 @@ def restore_threads():
     numba.set_num_threads(n)
 
 
-def engine(name):
-    return get_engine(name)
+def engine(name, **options):
+    return make_engine(name, **options)
 
 
 def synthetic(spec, n, seed=1):
@@ -51,11 +51,12 @@ def synthetic(spec, n, seed=1):
     return X, T, rng.permutation(n)
 
 
-def train(name, spec, X, T, order, threads=1, optimizer="sgd", lr=0.05, batch_size=1, seed=0):
+def train(name, spec, X, T, order, threads=1, optimizer="sgd", lr=0.05, batch_size=1, seed=0,
+          **options):
     numba.set_num_threads(threads)
     net = MLP(spec, seed=seed)
     opt = make_optimizer(optimizer, spec.n_params, spec.dtype, lr)
-    stats = engine(name).train_epoch(net, opt, X, T, order, batch_size)
+    stats = engine(name, **options).train(net, opt, X, T, order, batch_size)
     return net, opt, stats
 
 
@@ -124,7 +125,7 @@ def test_batch_engine_full_batch_and_batch_of_one(dtype):
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_batch_engine_fused_adam_is_bitwise_optim_adam(dtype):
     from parnn.engines.batch import optimizer_step
-    from parnn.optim import Adam
+    from parnn.core.optim import Adam
     rng = np.random.default_rng(0)
     p0 = rng.standard_normal(1001).astype(dtype)
     ref, fused = Adam(1001, dtype, 1e-3), Adam(1001, dtype, 1e-3)
@@ -162,11 +163,7 @@ def test_skipping_zero_inputs_changes_nothing(name):
     spec = Spec(SIZES, "tanh", "tanh", "mse", "float64")
     X, T, order = synthetic(spec, 200)
     sparse, _, st = train(name, spec, X, T, order)
-    engine(name).dense = True
-    try:
-        dense, _, st_dense = train(name, spec, X, T, order)
-    finally:
-        engine(name).dense = False
+    dense, _, st_dense = train(name, spec, X, T, order, dense=True)
     assert np.array_equal(sparse.params, dense.params)
     assert (st.loss_sum, st.correct) == (st_dense.loss_sum, st_dense.correct)
 
@@ -185,7 +182,7 @@ def test_owner_falls_back_to_serial_bits_when_contended():
     for i, part in enumerate(np.array_split(order, 6)):
         if i == 2:
             eng._cooldown = 2                     # as if chunk 1 had been contended
-        eng.train_epoch(net, opt, X, T, part, 1)
+        eng.train(net, opt, X, T, part, 1)
     assert eng.serial_chunks >= before + 2      # more if this machine really is contended
     assert np.array_equal(net.params, ref.params)
 
@@ -200,8 +197,8 @@ def test_chunks_add_up_to_one_call():
         whole, _, st = train(name, spec, X, T, order, threads=threads)
         net = MLP(spec, seed=0)
         opt = make_optimizer("sgd", spec.n_params, spec.dtype, 0.05)
-        total = engine(name).train_epoch(net, opt, X, T, order[:101], 1)
-        total += engine(name).train_epoch(net, opt, X, T, order[101:], 1)
+        total = engine(name).train(net, opt, X, T, order[:101], 1)
+        total += engine(name).train(net, opt, X, T, order[101:], 1)
         assert np.array_equal(net.params, whole.params), name
         assert total.correct == st.correct and opt.t == len(order)
 
@@ -236,7 +233,7 @@ def test_hogwild_two_threads_within_one_point_of_serial():
         opt = make_optimizer("sgd", spec.n_params, spec.dtype, 0.01)
         seen = []
         for start in range(0, len(order), 2000):
-            engine(name).train_epoch(net, opt, X, T, order[start:start + 2000], 1)
+            engine(name).train(net, opt, X, T, order[start:start + 2000], 1)
             if start >= len(order) // 2:
                 seen.append(np.mean(net.predict(Xt) == yt))
         acc[name] = float(np.mean(seen))
@@ -263,11 +260,11 @@ def test_per_sample_engines_refuse_other_optimizers_and_batches(name):
 def test_batch_engine_refusals():
     spec = Spec(SIZES)
     for opt in ("sgd", "momentum", "adam"):
-        get_engine("batch").check(spec, opt, 128)
+        make_engine("batch").check(spec, opt, 128)
     with pytest.raises(ConfigError, match="unknown optimizer 'lbfgs'"):
-        get_engine("batch").check(spec, "lbfgs", 128)
+        make_engine("batch").check(spec, "lbfgs", 128)
     with pytest.raises(ConfigError, match="batch size must be"):
-        get_engine("batch").check(spec, "sgd", 0)
+        make_engine("batch").check(spec, "sgd", 0)
 
 
 def test_bad_data_is_refused():
@@ -284,8 +281,11 @@ def test_bad_data_is_refused():
 def test_info_reports_threading_layer_and_compile_time():
     spec = Spec(SIZES)
     X, T, order = synthetic(spec, 20)
-    train("neuron", spec, X, T, order, threads=2)
-    info = engine("neuron").info()
+    numba.set_num_threads(2)
+    eng = engine("neuron")
+    assert eng.info()["compile_s"] == {}                   # nothing compiled by this object yet
+    eng.train(MLP(spec, seed=0), make_optimizer("sgd", spec.n_params, spec.dtype, 0.05),
+              X, T, order, 1)
+    info = eng.info()
     assert info["threading_layer"] in ("omp", "tbb", "workqueue")
-    assert info["compile_s"]["float64"] >= 0
-    assert "nogil" in engine("owner").info()["threads_by"]
+    assert list(info["compile_s"]) == ["float64"]          # the first float64 call was timed

@@ -23,10 +23,11 @@ import safetensors.numpy
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from parnn import checkpoint, cli, data, io, train
+from parnn import cli, data, io
+from parnn.run import checkpoint, train
 from parnn.data import FASHION_CLASSES, Dataset
 from parnn.errors import DataError, ModelFileError, ParnnError
-from parnn.model import MLP, Spec
+from parnn.core.model import MLP, Spec
 from synthetic_data import idx_bytes, write_dataset
 
 # PARNN_FUZZ_EXAMPLES=2000 for a longer campaign; the default keeps the file under ~15 s.

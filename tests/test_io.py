@@ -9,7 +9,7 @@ import safetensors.numpy
 
 from parnn import io
 from parnn.errors import ModelFileError
-from parnn.model import MLP, Spec
+from parnn.core.model import MLP, Spec
 
 META = {"train": {"lr": 0.1, "epochs": 3}, "preprocessing": {"scale": "x/255", "input_shape": [28, 28]},
         "dataset_sha256": "ab" * 32, "class_names": ["a", "b", "c"]}

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from parnn.errors import ConfigError
-from parnn.model import MLP, Spec, init_params, views
+from parnn.core.model import MLP, Spec, init_params, views
 
 COMBOS = [(h, o, l) for h, o, l in itertools.product(("tanh", "sigmoid", "relu"),
                                                       ("tanh", "sigmoid", "softmax"),

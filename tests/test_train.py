@@ -3,10 +3,10 @@ import dataclasses
 import numpy as np
 import pytest
 
-from parnn import train
+from parnn.run import train
 from parnn.data import Dataset, load_dataset, FASHION_CLASSES
 from parnn.errors import ConfigError, DivergenceError
-from parnn.optim import make_optimizer
+from parnn.core.optim import make_optimizer
 
 REAL = pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
                           reason="Fashion-MNIST not installed")

@@ -44,7 +44,7 @@ from numba.core.errors import NumbaError
 
 # The breakdown kernels below call the engines' own compiled helpers, so the phases time the
 # same code; they follow kernels.neuron_run and must change when it does (tests/test_bench.py).
-from parnn.engines.kernels import (FLAG, NONE, PerSampleEngine, barrier, blocked_transpose,
+from parnn.engines.persample import (FLAG, NONE, PerSampleEngine, barrier, blocked_transpose,
                                    combine_errors, input_forward, input_rows, layer, layer_table,
                                    out_buf, output_delta, p_buf, partial_errors, rows_forward,
                                    run_threads, span)
@@ -132,8 +132,8 @@ def prepare(opts):
     """Validate everything up front; fill in defaults. Returns (cfg, engines dict)."""
     import numba
 
-    from parnn.engines import available, get_engine
-    from parnn.train import make_config
+    from parnn.engines import available, make_engine
+    from parnn.run.train import make_config
 
     if opts.workload not in WORKLOADS:
         raise ConfigError(f"unknown workload {opts.workload!r}: choose one of {', '.join(WORKLOADS)}")
@@ -155,7 +155,7 @@ def prepare(opts):
         opts.engines = tuple(e for e in default if e in available())
     engines = {}
     for name in opts.engines:
-        eng = get_engine(name)                    # ConfigError: unknown engine
+        eng = make_engine(name)                    # ConfigError: unknown engine
         try:
             eng.check(spec, cfg.optimizer, cfg.batch_size)
         except ConfigError as e:
@@ -282,9 +282,9 @@ class Work:
 
 def engine_run(engine, w, threads, warm_up=False):
     """One run: a new network from the seed, every epoch in the training loop's chunks."""
-    from parnn.model import MLP
-    from parnn.optim import make_optimizer
-    from parnn.train import chunk_size, lr_at, set_threads
+    from parnn.core.model import MLP
+    from parnn.core.optim import make_optimizer
+    from parnn.run.train import chunk_size, lr_at, set_threads
 
     cfg = w.cfg
     net = MLP(w.spec, init=cfg.init, seed=cfg.seed)
@@ -294,13 +294,13 @@ def engine_run(engine, w, threads, warm_up=False):
     with limits, np.errstate(all="ignore"):
         if warm_up:
             n = WARMUP_SAMPLES if cfg.batch_size == 1 else 2 * cfg.batch_size
-            engine.train_epoch(net, opt, w.X, w.T, w.orders[0][:n], cfg.batch_size)
+            engine.train(net, opt, w.X, w.T, w.orders[0][:n], cfg.batch_size)
             return None
         with Timer() as t:
             for epoch, order in enumerate(w.orders, 1):
                 opt.lr = lr_at(cfg, epoch)
                 for start in range(0, len(order), step):
-                    engine.train_epoch(net, opt, w.X, w.T, order[start:start + step],
+                    engine.train(net, opt, w.X, w.T, order[start:start + step],
                                        cfg.batch_size)
         acc = float(np.mean(net.predict(w.X_test) == w.y_test))
     return {"time_s": t.seconds, "others": t.others, "test_acc": acc}
@@ -314,8 +314,8 @@ def torch_run(w, threads, warm_up=False):
     mini-batches for the modern one. torch.set_num_threads(threads)."""
     import torch
 
-    from parnn.model import MLP
-    from parnn.train import lr_at
+    from parnn.core.model import MLP
+    from parnn.run.train import lr_at
 
     cfg, spec = w.cfg, w.spec
     torch.set_num_threads(threads)
@@ -525,14 +525,14 @@ def sync_costs(threads, samples, owner):
     return out
 
 
-def phase_times(w, threads, samples, reps=5):
+def phase_times(w, threads, samples, reps=5, dense=False):
     """Per thread count: seconds of forward, and of forward + error, over `samples` samples.
     The error phase is small next to the forward one, so both are the fastest of `reps`
     interleaved runs (noise from other processes only ever adds time)."""
     import numba
 
-    from parnn.engines.kernels import ACT_CODES, LOSS_CODES, NEURON
-    from parnn.model import MLP
+    from parnn.engines.persample import ACT_CODES, LOSS_CODES
+    from parnn.core.model import MLP
 
     spec = w.spec
     dt = np.dtype(spec.dtype)
@@ -542,7 +542,7 @@ def phase_times(w, threads, samples, reps=5):
     rows = np.empty(spec.sizes[0], np.int64)
     order = w.orders[0][:samples]
     codes = (dt.type(np.finfo(dt).tiny), ACT_CODES[spec.hidden], ACT_CODES[spec.output],
-             LOSS_CODES[spec.loss], A, D, P, rows, NEURON.dense)
+             LOSS_CODES[spec.loss], A, D, P, rows, dense)
     out = {}
     for p in threads:
         numba.set_num_threads(p)

@@ -50,7 +50,7 @@ def _add_data_args(p, dataset="fashion-mnist"):
 
 
 def build_parser():
-    from parnn.train import PRESETS, DEFAULT_PRESET
+    from parnn.run.train import PRESETS, DEFAULT_PRESET
 
     top = Parser(prog="parnn", description="Train feedforward neural networks on Fashion-MNIST "
                  "in parallel (per-neuron threads, Hogwild, mini-batch BLAS, MPI).")
@@ -185,8 +185,9 @@ KEPT_ON_RESUME = ("preset", "hidden", "activation", "output", "loss", "init", "d
 
 
 def cmd_train(args):
+    from parnn.io import check_output_dir
     from parnn import data as datamod
-    from parnn import train
+    from parnn.run import train
     from parnn.errors import ConfigError
 
     _check_limits(args)
@@ -210,8 +211,8 @@ def cmd_train(args):
 
         return distributed.cmd_train(args, cfg, out)
     ckdir = args.checkpoint_dir or out / "checkpoints"
-    _check_output_dir(out, "--out")
-    _check_output_dir(ckdir, "--checkpoint-dir")
+    check_output_dir(out, "--out")
+    check_output_dir(ckdir, "--checkpoint-dir")
     _refuse_unfinished(ckdir)
     ds = datamod.load_dataset(args.dataset, args.data, cfg.dtype, args.limit_train, args.limit_test)
     run = {"dataset": ds.name, "data_dir": str(Path(ds.source).absolute()), "sha256": ds.sha256,
@@ -222,10 +223,11 @@ def cmd_train(args):
 
 def _resume(args):
     """parnn train --resume DIR: the checkpoint's settings, data and position; see docs/ROBUSTNESS.md."""
+    from parnn.io import check_output_dir
     import dataclasses
     import os
 
-    from parnn import checkpoint, train
+    from parnn.run import checkpoint, train
     from parnn import data as datamod
     from parnn.errors import ConfigError
 
@@ -256,8 +258,8 @@ def _resume(args):
         cfg = dataclasses.replace(cfg, engine=ck.engine)
     train.validate(cfg)
     out = args.out or Path(run["out"])
-    _check_output_dir(out, "--out")
-    _check_output_dir(ck.path.parent, "--resume")
+    check_output_dir(out, "--out")
+    check_output_dir(ck.path.parent, "--resume")
     # The data may have moved (--data), but it must be the same bytes.
     data_dir = args.data or (run["data_dir"] if Path(run["data_dir"]).is_dir() else None)
     ds = datamod.load_dataset(run["dataset"], data_dir, cfg.dtype, run["limit_train"],
@@ -271,7 +273,7 @@ def _resume(args):
 
 
 def _train_and_save(args, cfg, ds, out, ckdir, run, resume=None):
-    from parnn import checkpoint, train
+    from parnn.run import checkpoint, train
     from parnn.errors import ParnnError
 
     checkpoints = checkpoint.Checkpointer(ckdir, run["checkpoint_every"], run)
@@ -317,26 +319,9 @@ def _warn(message):
     print(f"parnn: warning: {message}", file=sys.stderr)
 
 
-def _check_output_dir(path, flag):
-    """Refuse up front, before any work, an output directory that cannot be made or written."""
-    import os
-
-    from parnn.errors import ConfigError
-
-    p = Path(path).absolute()
-    q = p
-    while not q.exists():  # the nearest existing ancestor is where it would be created
-        q = q.parent
-    if not q.is_dir():
-        where = "is a file" if q == p else f"cannot be created: {q} is a file"
-        raise ConfigError(f"{flag} {path}: {where}, not a directory")
-    if not os.access(q, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: {q} is not writable")
-
-
 def _refuse_unfinished(ckdir):
     """A new run must not rotate away the checkpoints of an unfinished one."""
-    from parnn import checkpoint
+    from parnn.run import checkpoint
     from parnn.errors import ConfigError
 
     ck = checkpoint.peek(ckdir) if Path(ckdir).is_dir() else None
@@ -359,7 +344,7 @@ def _check_limits(args):
 def cmd_evaluate(args):
     from parnn import data as datamod
     from parnn import io, metrics
-    from parnn.train import evaluate
+    from parnn.run.train import evaluate
 
     _check_limits(args)
     nets, meta = io.load_any(args.model)
@@ -414,9 +399,10 @@ def cmd_data(args):
 
 
 def cmd_bench(args):
+    from parnn.io import check_output_dir
     from parnn import bench
 
-    _check_output_dir(args.out, "--out")
+    check_output_dir(args.out, "--out")
     bench.main(args)
 
 

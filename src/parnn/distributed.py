@@ -115,7 +115,7 @@ class AllreduceEngine:
         self.comm_seconds += time.perf_counter() - t
         self.calls += 1
 
-    def train_epoch(self, net, opt, X, T, order, batch_size):
+    def train(self, net, opt, X, T, order, batch_size):
         rank, size = self.comm.Get_rank(), self.comm.Get_size()
         if not self._synced:
             # Same seed means same init already; the broadcast makes sure of it even across
@@ -197,11 +197,11 @@ def cmd_train(args, cfg, out):
 
 def _setup(args, cfg, out, rank, size, local):
     from parnn import data as datamod
-    from parnn import train
-    from parnn.cli import _check_output_dir
+    from parnn.run import train
+    from parnn.io import check_output_dir
 
     if rank == 0:   # only rank 0 writes: refuse an unusable --out before any training
-        _check_output_dir(out, "--out")
+        check_output_dir(out, "--out")
     notes = []
     if size == 1:
         notes.append(f"parnn: --distributed {args.distributed} on 1 rank (not started by mpiexec; "
@@ -308,7 +308,7 @@ def _quiet(*args, **kwargs):
 
 
 def _train_allreduce(cfg, ds, out, comm, progress, log, fail):
-    from parnn import train
+    from parnn.run import train
 
     rank, size = comm.Get_rank(), comm.Get_size()
     engine = AllreduceEngine(comm)
@@ -346,8 +346,8 @@ def _train_allreduce(cfg, ds, out, comm, progress, log, fail):
 
 
 def _train_ensemble(cfg, ds, out, comm, shards, progress, log, fail):
-    from parnn import train
-    from parnn.model import MLP
+    from parnn.run import train
+    from parnn.core.model import MLP
 
     rank, size = comm.Get_rank(), comm.Get_size()
     idx = shard_indices(len(ds.X_train), rank, size, shards, cfg.seed)

@@ -40,7 +40,7 @@ import safetensors.numpy
 
 from parnn import __version__
 from parnn.errors import ConfigError, ModelFileError
-from parnn.model import MLP, Spec
+from parnn.core.model import MLP, Spec
 
 FORMAT = 1
 META_KEY = "parnn"
@@ -337,3 +337,16 @@ def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
         raise ModelFileError(f"{path}: arrays do not match their checksum: "
                              "the file is damaged or was modified")
     return tensors, header.get("meta", {})
+
+
+def check_output_dir(path, flag):
+    """Refuse up front, before any work, an output directory that cannot be made or written."""
+    p = Path(path).absolute()
+    q = p
+    while not q.exists():  # the nearest existing ancestor is where it would be created
+        q = q.parent
+    if not q.is_dir():
+        where = "is a file" if q == p else f"cannot be created: {q} is a file"
+        raise ConfigError(f"{flag} {path}: {where}, not a directory")
+    if not os.access(q, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {q} is not writable")

@@ -1,13 +1,18 @@
-"""Interchangeable training engines behind one small interface.
+"""Interchangeable training engines behind one small protocol.
 
-An engine trains over a given sample order, in place on the model's flat parameter buffer:
+An engine is a small object made for one run (`make_engine(name)`); it holds no state that
+outlives the run and there are no module-level engine instances. It trains in place on the
+network's flat parameter buffer, over a given sample order:
 
-    engine.check(spec, optimizer, batch_size)          -> None, or ConfigError saying why not
-    engine.train_epoch(net, opt, X, T, order, batch_size) -> EpochStats
+    engine.check(spec, optimizer, batch_size)      None, or ConfigError saying why not
+    engine.train(net, opt, X, T, order, batch_size) -> EpochStats   over `order` only
+    engine.info()                                  dict for the run's history (engine name, ...)
 
-X is (n, n_in) and T the (n, n_out) targets, both in the model's dtype; `order` is the part of
+X is (n, n_in) and T the (n, n_out) targets, both in the network's dtype; `order` is the part of
 the epoch's shuffled sample order to train on now (the training loop hands over an epoch in
-chunks, whole batches each, so it can show progress and checkpoint in between).
+chunks of whole batches, so it can show progress and checkpoint in between).
+
+Engines import parnn.core only (and each other's compiled helpers).
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
 
 from parnn.errors import ConfigError
 
@@ -42,11 +50,19 @@ class EpochStats:
         return self.correct / max(self.n, 1)
 
 
+class Engine(Protocol):
+    name: str
+
+    def check(self, spec, optimizer, batch_size) -> None: ...
+
+    def train(self, net, opt, X, T, order, batch_size) -> EpochStats: ...
+
+    def info(self) -> dict: ...
+
+
 def contiguous_inputs(net, X, T, order):
     """X, T in the network's dtype and the order as int64, all contiguous, checked to fit the
     network: the compiled engines index them without bounds checks."""
-    import numpy as np
-
     spec, dt = net.spec, net.params.dtype
     X = np.ascontiguousarray(X, dt)
     T = np.ascontiguousarray(T, dt)
@@ -59,29 +75,28 @@ def contiguous_inputs(net, X, T, order):
     return X, T, order
 
 
-# name -> (module, attribute); modules are imported on first use so that `--engine numpy`
-# never pays Numba's import and compile time.
+# name -> (module, class); modules are imported on first use so that `--engine numpy` never
+# pays Numba's import and compile time.
 _REGISTRY = {
-    "numpy": ("parnn.engines.numpy", "ENGINE"),
-    "serial": ("parnn.engines.kernels", "SERIAL"),
-    "neuron": ("parnn.engines.kernels", "NEURON"),
-    "hogwild": ("parnn.engines.kernels", "HOGWILD"),
-    "owner": ("parnn.engines.kernels", "OWNER"),
-    "batch": ("parnn.engines.batch", "ENGINE"),
+    "numpy": ("parnn.engines.numpy", "NumpyEngine"),
+    "serial": ("parnn.engines.persample", "SerialEngine"),
+    "neuron": ("parnn.engines.persample", "NeuronEngine"),
+    "hogwild": ("parnn.engines.persample", "HogwildEngine"),
+    "owner": ("parnn.engines.persample", "OwnerEngine"),
+    "batch": ("parnn.engines.batch", "BatchEngine"),
 }
+PER_SAMPLE = ("serial", "neuron", "hogwild", "owner")   # per-sample plain SGD only
 
 
 def available():
     """Engine names whose module is present."""
-    names = []
-    for name, (mod, _) in _REGISTRY.items():
-        if importlib.util.find_spec(mod) is not None:
-            names.append(name)
-    return names
+    return [name for name, (mod, _) in _REGISTRY.items()
+            if importlib.util.find_spec(mod) is not None]
 
 
-def get_engine(name):
+def make_engine(name, **options) -> Engine:
+    """A new engine object for one run; options go to its constructor (e.g. dense=True)."""
     if name not in _REGISTRY or importlib.util.find_spec(_REGISTRY[name][0]) is None:
         raise ConfigError(f"unknown engine {name!r}: choose one of {', '.join(available())}")
-    mod, attr = _REGISTRY[name]
-    return getattr(importlib.import_module(mod), attr)
+    mod, cls = _REGISTRY[name]
+    return getattr(importlib.import_module(mod), cls)(**options)

@@ -25,10 +25,10 @@ import numpy as np
 from numba import njit
 
 from parnn.engines import EpochStats, contiguous_inputs
-from parnn.engines.kernels import (ACT_CODES, LOSS_CODES, RELU, SIGMOID, TANH, dact,
+from parnn.engines.persample import (ACT_CODES, LOSS_CODES, RELU, SIGMOID, TANH, dact,
                                    optimizer_name, output_delta, typed)
 from parnn.errors import ConfigError
-from parnn.optim import OPTIMIZERS, Adam
+from parnn.core.optim import OPTIMIZERS, Adam
 
 
 # --- elementwise kernels: forward and backward side by side ------------------------------------
@@ -124,7 +124,7 @@ class Workspace:
     activations and deltas, and the flat gradient buffer with per-layer views."""
 
     def __init__(self, spec, B):
-        from parnn.model import views
+        from parnn.core.model import views
         dt = np.dtype(spec.dtype)
         self.key = (spec.sizes, spec.dtype, B)
         self.X = np.empty((B, spec.sizes[0]), dt)
@@ -163,7 +163,7 @@ class BatchEngine:
             self._ws = Workspace(spec, B)
         return self._ws
 
-    def train_epoch(self, net, opt, X, T, order, batch_size):
+    def train(self, net, opt, X, T, order, batch_size):
         spec = net.spec
         self.check(spec, opt, batch_size)
         dt = net.params.dtype
@@ -211,5 +211,3 @@ class BatchEngine:
             stats += EpochStats(float(loss), int(hits), b)
         return stats
 
-
-ENGINE = BatchEngine()

@@ -18,7 +18,10 @@ class NumpyEngine:
     def check(self, spec, optimizer, batch_size):
         return None
 
-    def train_epoch(self, net, opt, X, T, order, batch_size):
+    def info(self):
+        return {"engine": self.name}
+
+    def train(self, net, opt, X, T, order, batch_size):
         grad = np.empty_like(net.params)
         stats = EpochStats()
         for i in range(0, len(order), batch_size):
@@ -31,5 +34,3 @@ class NumpyEngine:
             opt.step(net.params, grad)
         return stats
 
-
-ENGINE = NumpyEngine()

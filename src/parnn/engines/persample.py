@@ -755,12 +755,11 @@ class PerSampleEngine:
     threads_by = "none"               # how the engine runs threads (reported by info())
     description = ""
 
-    def __init__(self, name):
-        self.name = name
+    def __init__(self, dense=False):
         self.compile_s = {}           # dtype -> seconds of the first (compiling) call
         # True: visit every W0 row even when its input is 0 (the benchmark's like-for-like
         # comparison with the C reference); the results are the same either way.
-        self.dense = False
+        self.dense = dense
 
     def check(self, spec, optimizer, batch_size):
         opt = optimizer_name(optimizer)
@@ -780,18 +779,18 @@ class PerSampleEngine:
             d["threading_layer"] = _threading_layer()
         return d
 
-    def train_epoch(self, net, opt, X, T, order, batch_size):
+    def train(self, net, opt, X, T, order, batch_size):
         spec = net.spec
         self.check(spec, opt, batch_size)
         dt = net.params.dtype
         X, T, order = contiguous_inputs(net, X, T, order)
         if dt.name not in self.compile_s:
             self.warm_up(spec, dt)
-        loss_sum, correct = self.train(net.params, net.W[0], spec, X, T, order, opt.lr)
+        loss_sum, correct = self._run(net.params, net.W[0], spec, X, T, order, opt.lr)
         opt.t += len(order)               # one SGD step per sample, as the numpy engine counts
         return EpochStats(float(loss_sum), int(correct), len(order))
 
-    def train(self, params, W0, spec, X, T, order, lr):
+    def _run(self, params, W0, spec, X, T, order, lr):
         if len(order) == 0:
             return 0.0, 0
         dt = params.dtype
@@ -809,13 +808,13 @@ class PerSampleEngine:
 
     def warm_up(self, spec, dt):
         """Compile (or load from Numba's cache) on a tiny network; record the time it took."""
-        from parnn.model import MLP, Spec
+        from parnn.core.model import MLP, Spec
         tiny = Spec((3, 2, 2), spec.hidden, spec.output, spec.loss, dt.name)
         net = MLP(tiny, seed=0)
         X = np.zeros((2, 3), dt)
         T = np.eye(2, dtype=dt)
         t0 = time.perf_counter()
-        self.train(net.params, net.W[0], tiny, X, T, np.arange(2), 0.0)
+        self._run(net.params, net.W[0], tiny, X, T, np.arange(2), 0.0)
         self.compile_s[dt.name] = round(time.perf_counter() - t0, 3)
 
     def blocks(self):
@@ -833,6 +832,7 @@ class PerSampleEngine:
 
 
 class SerialEngine(PerSampleEngine):
+    name = "serial"
     description = "per-sample SGD on one thread (the paper's serial program)"
 
     def kernel(self, params, WTb, lay, X, T, order, args, na, npart):
@@ -842,6 +842,7 @@ class SerialEngine(PerSampleEngine):
 
 
 class NeuronEngine(PerSampleEngine):
+    name = "neuron"
     description = "per-sample SGD, each layer's neurons split over threads, fork/join per loop"
     threads_by = "numba prange"
 
@@ -856,6 +857,7 @@ class NeuronEngine(PerSampleEngine):
 
 
 class HogwildEngine(PerSampleEngine):
+    name = "hogwild"
     description = "lock-free sample-parallel SGD, each thread on its own part of the order"
     threads_by = "python threads running nogil kernels"
 
@@ -872,6 +874,7 @@ class HogwildEngine(PerSampleEngine):
 
 
 class OwnerEngine(PerSampleEngine):
+    name = "owner"
     description = ("per-sample SGD, each thread owns a slice of every layer's neurons for the "
                    "whole chunk; spin barriers between layers instead of fork/join")
     threads_by = "python threads running nogil kernels"
@@ -882,8 +885,8 @@ class OwnerEngine(PerSampleEngine):
     SLOW_LIMIT = 100
     COOLDOWN = 4
 
-    def __init__(self, name):
-        super().__init__(name)
+    def __init__(self, dense=False):
+        super().__init__(dense)
         self._cooldown = 0
         self.last_slow = 0            # slow barriers in the last threaded chunk
         self.contended_chunks = 0     # chunks whose barriers kept yielding
@@ -947,8 +950,3 @@ def _threading_layer():
     except ValueError:          # no parallel region has run yet in this process
         return None
 
-
-SERIAL = SerialEngine("serial")
-NEURON = NeuronEngine("neuron")
-HOGWILD = HogwildEngine("hogwild")
-OWNER = OwnerEngine("owner")

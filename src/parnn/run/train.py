@@ -15,10 +15,10 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 
 from parnn import __version__
-from parnn.engines import EpochStats, get_engine
+from parnn.engines import EpochStats, make_engine
 from parnn.errors import ConfigError, DivergenceError
-from parnn.model import INITS, MLP, Spec
-from parnn.optim import OPTIMIZERS, make_optimizer
+from parnn.core.model import INITS, MLP, Spec
+from parnn.core.optim import OPTIMIZERS, make_optimizer
 
 # The paper's system, faithfully, except for the init: its U[0,1) weights saturate every tanh,
 # so nothing learns (accuracy stays at 10%, see docs/PAPER.md); `--init paper` still selects it.
@@ -138,18 +138,18 @@ def pick_engine(cfg, spec, n_train):
     """The engine object for cfg; 'auto' = the first in the preference list that accepts it."""
     bs = batch_size_for(cfg, n_train)
     if cfg.engine != "auto":
-        engine = get_engine(cfg.engine)
+        engine = make_engine(cfg.engine)
         engine.check(spec, cfg.optimizer, bs)
         return engine
     prefs = AUTO_PER_SAMPLE if bs == 1 and cfg.optimizer == "sgd" else AUTO_BATCH
     for name in prefs:
         try:
-            engine = get_engine(name)
+            engine = make_engine(name)
             engine.check(spec, cfg.optimizer, bs)
             return engine
         except ConfigError:
             continue
-    return get_engine("numpy")
+    return make_engine("numpy")
 
 
 # --- threads ---------------------------------------------------------------------------------
@@ -183,7 +183,7 @@ class Result:
 @dataclass
 class Position:
     """Where training is: with the parameters and optimizer state, all a checkpoint needs to
-    carry on bit for bit (see parnn.checkpoint)."""
+    carry on bit for bit (see parnn.run.checkpoint)."""
 
     epoch: int = 1                  # the epoch in progress; cfg.epochs + 1 once all are done
     done: int = 0                   # samples of its order already trained (whole batches)
@@ -206,10 +206,10 @@ def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, re
     """Train a network on data (a parnn.data.Dataset); returns a Result.
 
     on_chunk(epoch, done, net, opt) is called after every engine call (tests).
-    checkpoints: a parnn.checkpoint.Checkpointer or None. It saves after every epoch and every
+    checkpoints: a parnn.run.checkpoint.Checkpointer or None. It saves after every epoch and every
     `checkpoints.every` optimizer steps, and turns SIGINT/SIGTERM into a checkpoint followed by
     checkpoint.Interrupted.
-    resume: a parnn.checkpoint.Checkpoint to carry on from, bit for bit, instead of a new network.
+    resume: a parnn.run.checkpoint.Checkpoint to carry on from, bit for bit, instead of a new network.
     engine: an engine object to use instead of cfg.engine's (parnn.distributed's allreduce).
     """
     from parnn.data import one_hot
@@ -282,7 +282,7 @@ def run_epoch(engine, net, opt, X, T, order, bs, epoch, cfg, progress, on_chunk,
     bar = _progress_bar(len(order), epoch, cfg.epochs, progress, initial=pos.done)
     t0 = time.perf_counter() - pos.seconds
     for start in range(pos.done, len(order), step):
-        chunk = engine.train_epoch(net, opt, X, T, order[start:start + step], bs)
+        chunk = engine.train(net, opt, X, T, order[start:start + step], bs)
         pos.stats += chunk
         pos.done = min(start + step, len(order))
         pos.seconds = time.perf_counter() - t0

@@ -37,9 +37,9 @@ import numpy as np
 from parnn import io
 from parnn.engines import EpochStats
 from parnn.errors import ModelFileError, ParnnError
-from parnn.model import Spec
-from parnn.optim import make_optimizer
-from parnn.train import Position, TrainConfig, validate
+from parnn.core.model import Spec
+from parnn.core.optim import make_optimizer
+from parnn.run.train import Position, TrainConfig, validate
 
 NEWEST = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.prev.safetensors"
