@@ -1,5 +1,10 @@
-"""Small synthetic Fashion-MNIST look-alikes written as real IDX files, so tests can run the
-real CLI (`--data DIR`) without the real dataset: ten noisy class templates, learnable."""
+"""Synthetic data for the tests, in one place.
+
+write_dataset: small Fashion-MNIST look-alikes written as real IDX files, so tests can run the
+real CLI (`--data DIR`) without the real dataset: ten noisy class templates, learnable.
+blobs:         ten Gaussian blobs in 784-d as an in-memory Dataset: learnable, tiny, no files.
+engine_data:   inputs, one-hot targets and a shuffled order for a network's sizes, for engines.
+"""
 
 import gzip
 import struct
@@ -8,6 +13,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from parnn.data import FASHION_CLASSES, Dataset
 
 
 def idx_bytes(arr):
@@ -40,3 +47,21 @@ def parnn(*args, **kw):
 def popen(*args, **kw):
     return subprocess.Popen([sys.executable, "-m", "parnn", *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def blobs(n=300, n_test=100, seed=0, noise=0.1, dtype="float64"):
+    """Ten Gaussian blobs in 784-d, clipped to [0, 1]: learnable, tiny, no files."""
+    rng = np.random.default_rng(seed)
+    centres = rng.random((10, 784))
+    y = rng.integers(0, 10, n + n_test)
+    X = np.clip(centres[y] + noise * rng.standard_normal((n + n_test, 784)), 0, 1).astype(dtype)
+    return Dataset(X[:n], y[:n], X[n:], y[n:], FASHION_CLASSES, "blobs", None, {}, {})
+
+
+def engine_data(spec, n, seed=1):
+    """Inputs in [0, 1) with about 40% exact zeros (like image background: the per-sample
+    engines skip zero inputs), one-hot targets, a shuffled order."""
+    rng = np.random.default_rng(seed)
+    X = (rng.random((n, spec.sizes[0])) * (rng.random((n, spec.sizes[0])) < 0.6)).astype(spec.dtype)
+    T = np.eye(spec.sizes[-1], dtype=spec.dtype)[rng.integers(0, spec.sizes[-1], n)]
+    return X, T, rng.permutation(n)

@@ -7,6 +7,7 @@ import signal
 import time
 
 import numpy as np
+import synthetic_data
 import pytest
 
 from parnn import io
@@ -21,11 +22,7 @@ TIMING = ("seconds", "samples_per_s")
 
 
 def blobs(n=240, n_test=60, seed=0):
-    rng = np.random.default_rng(seed)
-    centres = rng.random((10, 784))
-    y = rng.integers(0, 10, n + n_test)
-    X = np.clip(centres[y] + 0.3 * rng.standard_normal((n + n_test, 784)), 0, 1)
-    return Dataset(X[:n], y[:n], X[n:], y[n:], FASHION_CLASSES, "blobs", None, {}, {})
+    return synthetic_data.blobs(n, n_test, seed, noise=0.3)
 
 
 def without_timing(history):

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import synthetic_data
 import pytest
 
 from parnn import cli, io
@@ -93,12 +94,7 @@ def test_disjoint_shards_partition_the_training_set_and_bootstrap_draws_n_over_k
 # --- allreduce: identical ranks, same result as one process ------------------------------------
 
 def blobs(n=310, n_test=60, seed=0):
-    """Ten Gaussian blobs in 784-d, float64: learnable, tiny, no files."""
-    rng = np.random.default_rng(seed)
-    centres = rng.random((10, 784))
-    y = rng.integers(0, 10, n + n_test)
-    X = np.clip(centres[y] + 0.1 * rng.standard_normal((n + n_test, 784)), 0, 1)
-    return Dataset(X[:n], y[:n], X[n:], y[n:], FASHION_CLASSES, "blobs", None, {}, {})
+    return synthetic_data.blobs(n, n_test, seed)
 
 
 SCRIPT = textwrap.dedent("""

@@ -1,6 +1,7 @@
 import dataclasses
 
 import numpy as np
+import synthetic_data
 import pytest
 
 from parnn.run import train
@@ -13,12 +14,7 @@ REAL = pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fa
 
 
 def synthetic(n=300, n_test=100, seed=0, dtype="float64"):
-    """Ten Gaussian blobs in 784-d: learnable, tiny, no files."""
-    rng = np.random.default_rng(seed)
-    centres = rng.random((10, 784))
-    y = rng.integers(0, 10, n + n_test)
-    X = np.clip(centres[y] + 0.1 * rng.standard_normal((n + n_test, 784)), 0, 1).astype(dtype)
-    return Dataset(X[:n], y[:n], X[n:], y[n:], FASHION_CLASSES, "synthetic", None, {}, {})
+    return synthetic_data.blobs(n, n_test, seed, dtype=dtype)
 
 
 def test_presets_hold_the_papers_and_the_modern_settings():

@@ -787,7 +787,7 @@ class PerSampleEngine:
         if dt.name not in self.compile_s:
             self.warm_up(spec, dt)
         loss_sum, correct = self._run(net.params, net.W[0], spec, X, T, order, opt.lr)
-        opt.t += len(order)               # one SGD step per sample, as the numpy engine counts
+        opt.count_steps(len(order))       # one SGD step per sample, as the numpy engine counts
         return EpochStats(float(loss_sum), int(correct), len(order))
 
     def _run(self, params, W0, spec, X, T, order, lr):

@@ -1,75 +1,16 @@
-"""The compiled engines against the NumPy reference engine, and against each other.
-
-Stated tolerances (max |difference| of any parameter, parameters are O(0.1-1)):
-  per-sample engines vs numpy, batch size 1:   float64 1e-13 after one step, 1e-11 after an epoch
-                                                float32 2e-6  after one step, 5e-5  after an epoch
-  batch engine vs numpy (sgd, momentum, adam): float64 1e-13 / 1e-11, float32 2e-6 / 5e-5
-The differences come only from rounding: FMAs, a vectorized dot product (different summation
-order), libm vs numpy's SIMD tanh/exp. serial, neuron and owner (at 1 and 2 threads) and hogwild
-(1 thread) must agree BITWISE: they run the same arithmetic in the same order.
-"""
+"""The per-sample engines (serial, neuron, hogwild, owner) against the NumPy reference and
+against each other: bitwise where they run the same arithmetic in the same order."""
 
 import numba
 import numpy as np
 import pytest
 
-from parnn.engines import make_engine
-from parnn.errors import ConfigError
+from engine_check import (COMBOS, DATA_DIR, PER_SAMPLE, SIZES, TOL_EPOCH, TOL_STEP,  # noqa: F401
+                          assert_close_to_numpy, engine, restore_threads, synthetic, train)
 from parnn.core.model import MLP, Spec
 from parnn.core.optim import make_optimizer
-
-PER_SAMPLE = ("serial", "neuron", "hogwild", "owner")
-ENGINES = PER_SAMPLE + ("batch",)
-COMBOS = [("tanh", "tanh", "mse"),                 # the paper
-          ("relu", "softmax", "cross_entropy"),    # modern
-          ("sigmoid", "sigmoid", "mse"),
-          ("relu", "softmax", "mse")]
-# odd sizes on purpose: tails of the 4-way unrolled input loop and of the 16-neuron blocks
-SIZES = (30, 40, 24, 6)
-TOL_STEP = {"float64": 1e-13, "float32": 2e-6}
-TOL_EPOCH = {"float64": 1e-11, "float32": 5e-5}
-DATA_DIR = "/usr/share/datasets/fashion-mnist"
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    n = numba.get_num_threads()
-    yield
-    numba.set_num_threads(n)
-
-
-def engine(name, **options):
-    return make_engine(name, **options)
-
-
-def synthetic(spec, n, seed=1):
-    """Inputs in [0, 1) with about 40% exact zeros (like image background: the per-sample
-    engines skip zero inputs), one-hot targets, a shuffled order."""
-    rng = np.random.default_rng(seed)
-    X = (rng.random((n, spec.sizes[0])) * (rng.random((n, spec.sizes[0])) < 0.6)).astype(spec.dtype)
-    T = np.eye(spec.sizes[-1], dtype=spec.dtype)[rng.integers(0, spec.sizes[-1], n)]
-    return X, T, rng.permutation(n)
-
-
-def train(name, spec, X, T, order, threads=1, optimizer="sgd", lr=0.05, batch_size=1, seed=0,
-          **options):
-    numba.set_num_threads(threads)
-    net = MLP(spec, seed=seed)
-    opt = make_optimizer(optimizer, spec.n_params, spec.dtype, lr)
-    stats = engine(name, **options).train(net, opt, X, T, order, batch_size)
-    return net, opt, stats
-
-
-def assert_close_to_numpy(name, spec, X, T, order, tol, **kw):
-    ref, ref_opt, ref_stats = train("numpy", spec, X, T, order, **kw)
-    net, opt, stats = train(name, spec, X, T, order, **kw)
-    diff = float(np.abs(net.params - ref.params).max())
-    assert diff <= tol, f"{name}: max |param - numpy| = {diff:.3g} > {tol:g}"
-    assert stats.n == ref_stats.n == len(order)
-    assert stats.correct == ref_stats.correct
-    assert stats.loss_sum == pytest.approx(ref_stats.loss_sum, rel=1e3 * tol, abs=1e3 * tol)
-    assert opt.t == ref_opt.t
-
+from parnn.engines import make_engine
+from parnn.errors import ConfigError
 
 # --- every engine against the NumPy reference ---------------------------------------------------
 
@@ -97,47 +38,6 @@ def test_per_sample_engine_any_depth(name, sizes, dtype):
         ref, _, _ = train("serial", spec, X, T, order[:20])
         net, _, _ = train(name, spec, X, T, order[:20], threads=2)
         assert np.array_equal(net.params, ref.params)
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("combo", COMBOS, ids="-".join)
-@pytest.mark.parametrize("optimizer", ["sgd", "momentum", "adam"])
-def test_batch_engine_matches_numpy(optimizer, combo, dtype):
-    spec = Spec(SIZES, *combo, dtype)
-    X, T, order = synthetic(spec, 500)
-    kw = dict(optimizer=optimizer, lr=0.01, threads=2)
-    assert_close_to_numpy("batch", spec, X, T, order[:32], TOL_STEP[dtype], batch_size=32, **kw)
-    # 500 = 15 batches of 32 and one of 20: several optimizer steps and a ragged last batch
-    assert_close_to_numpy("batch", spec, X, T, order, TOL_EPOCH[dtype], batch_size=32, **kw)
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_batch_engine_full_batch_and_batch_of_one(dtype):
-    spec = Spec(SIZES, "relu", "softmax", "cross_entropy", dtype)
-    X, T, order = synthetic(spec, 300)
-    for _ in range(3):                            # full batch: several Adam steps on all of X
-        assert_close_to_numpy("batch", spec, X, T, order, TOL_STEP[dtype], batch_size=300,
-                              optimizer="adam", lr=0.01)
-    assert_close_to_numpy("batch", spec, X, T, order[:50], TOL_EPOCH[dtype], batch_size=1,
-                          optimizer="adam", lr=0.01)
-
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_batch_engine_fused_adam_is_bitwise_optim_adam(dtype):
-    from parnn.engines.batch import optimizer_step
-    from parnn.core.optim import Adam
-    rng = np.random.default_rng(0)
-    p0 = rng.standard_normal(1001).astype(dtype)
-    ref, fused = Adam(1001, dtype, 1e-3), Adam(1001, dtype, 1e-3)
-    pr, pf = p0.copy(), p0.copy()
-    numba.set_num_threads(2)
-    for _ in range(5):
-        g = rng.standard_normal(1001).astype(dtype)
-        ref.step(pr, g)
-        optimizer_step(fused, pf, g)
-    assert fused.t == ref.t
-    for a, b in ((pf, pr), (fused.m, ref.m), (fused.v, ref.v)):
-        assert np.array_equal(a, b)
 
 
 # --- bitwise: the same arithmetic in the same order, whatever the thread count ------------------
@@ -255,16 +155,6 @@ def test_per_sample_engines_refuse_other_optimizers_and_batches(name):
     # an optimizer object is accepted too
     with pytest.raises(ConfigError, match="adam"):
         engine(name).check(spec, make_optimizer("adam", spec.n_params, "float64", 0.1), 1)
-
-
-def test_batch_engine_refusals():
-    spec = Spec(SIZES)
-    for opt in ("sgd", "momentum", "adam"):
-        make_engine("batch").check(spec, opt, 128)
-    with pytest.raises(ConfigError, match="unknown optimizer 'lbfgs'"):
-        make_engine("batch").check(spec, "lbfgs", 128)
-    with pytest.raises(ConfigError, match="batch size must be"):
-        make_engine("batch").check(spec, "sgd", 0)
 
 
 def test_bad_data_is_refused():
