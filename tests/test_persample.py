@@ -1,6 +1,8 @@
 """The per-sample engines (serial, neuron, hogwild, owner) against the NumPy reference and
 against each other: bitwise where they run the same arithmetic in the same order."""
 
+import time
+
 import numba
 import numpy as np
 import pytest
@@ -10,6 +12,9 @@ from engine_check import (COMBOS, DATA_DIR, PER_SAMPLE, SIZES, TOL_EPOCH, TOL_ST
 from parnn.core.model import MLP, Spec
 from parnn.core.optim import make_optimizer
 from parnn.engines import make_engine
+from parnn.engines.compiled import ACT_CODES, LOSS_CODES
+from parnn.engines.loop import Workspace, blocked_transpose, layer_table, nogil_loop
+from parnn.engines.persample import sync_points_per_sample
 from parnn.errors import ConfigError
 
 # --- every engine against the NumPy reference ---------------------------------------------------
@@ -47,7 +52,7 @@ def test_per_sample_engine_any_depth(name, sizes, dtype):
 def test_bitwise_identical_across_engines_and_threads(combo, dtype):
     spec = Spec((100, 70, 40, 10), *combo, dtype)
     X, T, order = synthetic(spec, 400)
-    # neuron forks and joins 8 times per sample: on a busy machine each costs up to a time
+    # neuron forks and joins 5 times per sample: on a busy machine each costs up to a time
     # slice, so it gets fewer samples (the comparison is just as strict)
     runs = [("neuron", 1, 400), ("neuron", 2, 40), ("owner", 1, 400), ("owner", 2, 400),
             ("hogwild", 1, 400)]
@@ -78,12 +83,11 @@ def test_owner_falls_back_to_serial_bits_when_contended():
     eng = engine("owner")
     net = MLP(spec, seed=0)
     opt = make_optimizer("sgd", spec.n_params, spec.dtype, 0.05)
-    before = eng.serial_chunks
     for i, part in enumerate(np.array_split(order, 6)):
         if i == 2:
             eng._cooldown = 2                     # as if chunk 1 had been contended
         eng.train(net, opt, X, T, part, 1)
-    assert eng.serial_chunks >= before + 2      # more if this machine really is contended
+    assert eng.serial_chunks >= 2               # more if this machine really is contended
     assert np.array_equal(net.params, ref.params)
 
 
@@ -179,3 +183,57 @@ def test_info_reports_threading_layer_and_compile_time():
     info = eng.info()
     assert info["threading_layer"] in ("omp", "tbb", "workqueue")
     assert list(info["compile_s"]) == ["float64"]          # the first float64 call was timed
+
+
+# --- phase timing -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, threads", [("serial", 1), ("neuron", 1), ("neuron", 2),
+                                           ("owner", 1), ("owner", 2), ("hogwild", 1),
+                                           ("hogwild", 2)])
+def test_engines_record_their_phases(name, threads):
+    spec = Spec((784, 64, 32, 10), "tanh", "tanh", "mse", "float64")
+    X, T, order = synthetic(spec, 3000)
+    ref, _, _ = train(name, spec, X, T, order, threads=threads)   # also compiles
+    eng = engine(name, profile=True)
+    net = MLP(spec, seed=0)
+    opt = make_optimizer("sgd", spec.n_params, spec.dtype, 0.05)
+    t0 = time.perf_counter()
+    for part in np.array_split(order, 3):
+        eng.train(net, opt, X, T, part, 1)
+    wall = time.perf_counter() - t0
+    phases = eng.phase_seconds()
+    assert phases["phases"] == ("forward", "output", "backward", "wait")
+    seconds = phases["seconds"]
+    assert seconds.shape == (threads if name in ("owner", "hogwild") else 1, 4)
+    forward, output, backward, wait = seconds.T
+    assert (forward > 0).all() and (output > 0).all() and (backward > 0).all()
+    assert (forward > backward).all()                     # W0's pass is most of the work
+    assert (wait > 0).all() if name == "owner" else (wait == 0).all()
+    # the cycle counter, calibrated once, against the wall clock around the three calls (which
+    # also transpose W0 in and out and start threads; a busy machine stretches those)
+    busiest = seconds.sum(1).max()
+    assert busiest < 1.02 * wall + 1e-3, (busiest, wall)
+    if (name, threads) != ("hogwild", 2):     # (its threads start and stop when they will, and race)
+        assert busiest > 0.6 * wall, (busiest, wall)
+        assert np.array_equal(net.params, ref.params)     # and timing changed no bit
+
+
+def test_phases_only_when_asked_for():
+    with pytest.raises(RuntimeError, match="profile=True"):
+        engine("serial").phase_seconds()
+
+
+@pytest.mark.parametrize("sizes", [(12, 5), (9, 7, 3), (9, 7, 5, 3), (20, 33, 17, 9, 4)], ids=str)
+def test_owner_meets_as_often_as_stated(sizes):
+    """The barrier count sync_points_per_sample reports (the benchmark's overhead model reads
+    it) is the one the loop runs: every barrier bumps the thread's own flag."""
+    spec = Spec(sizes, "tanh", "softmax", "cross_entropy", "float64")
+    X, T, order = synthetic(spec, 7)
+    net = MLP(spec, seed=0)
+    lay, na, npart = layer_table(spec)
+    dt = np.dtype(spec.dtype)
+    ws = Workspace(lay, dt, na, npart, sizes[0], 1)
+    nogil_loop(0, 1, 1, True, net.params, blocked_transpose(net.W[0], 1), lay, X, T, order,
+               dt.type(0.05), dt.type(1e-300), ACT_CODES["tanh"], ACT_CODES["softmax"],
+               LOSS_CODES["cross_entropy"], *ws.args(), False, False)
+    assert ws.flags[0] == len(order) * sync_points_per_sample("owner", spec.n_layers)
