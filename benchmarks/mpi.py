@@ -4,7 +4,7 @@ Allreduce, and a model of both at 8-64 ranks. Results go to docs/MPI.md by hand.
     flock /tmp/bench.lock .venv/bin/python benchmarks/mpi.py [--epochs 2] [--out benchmarks/out/mpi]
 
 Steps (every training run is a real `mpiexec -n K parnn train --distributed ...`, modern preset,
-full Fashion-MNIST, --engine numpy so both modes do the same arithmetic):
+full Fashion-MNIST, --engine batch (the compiled mini-batch engine, which allreduce wraps)):
   1. Allreduce micro-benchmark under `mpiexec -n 2` (this script's `allreduce` subcommand):
      median time of 8 B and of one gradient's size, to fit latency alpha and bandwidth beta.
   2. Compute micro-benchmark: forward+backward time per sample at per-rank batch sizes
@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from parnn.bench import harness
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +66,7 @@ def compute_micro(batches, reps=30):
 
     from parnn.core.model import MLP
     from parnn.core.optim import make_optimizer
-    from parnn.run.train import make_config
+    from parnn.run.config import make_config
 
     spec = make_config("modern").spec()
     net = MLP(spec, init="he", seed=0)
@@ -89,39 +91,26 @@ def compute_micro(batches, reps=30):
     return out, step
 
 
-def busy_cores(seconds=1.0):
-    """CPU cores in use (by anyone) over `seconds`, from /proc/stat."""
-    def sample():
-        v = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-        return sum(v), v[3] + v[4]   # total, idle + iowait
-    t0, i0 = sample()
-    time.sleep(seconds)
-    t1, i1 = sample()
-    return (os.cpu_count() or 1) * (1 - (i1 - i0) / max(t1 - t0, 1))
-
-
-def wait_quiet(limit=0.3, patience=600):
-    """The machine is shared: wait (up to `patience` s) until others use < `limit` cores, and
-    return what they used, to be recorded beside the timing."""
-    t = time.monotonic()
-    while (busy := busy_cores()) > limit and time.monotonic() - t < patience:
-        time.sleep(2)
-    return busy
+def wait_quiet():
+    """The machine is shared: wait (up to 600 s) until other processes use < 0.3 cores; what
+    happened is recorded beside the timing."""
+    waited, quiet = harness.wait_for_quiet(600, threshold=0.3)
+    return {"quiet_wait_s": waited, "quiet": quiet}
 
 
 def train_run(out, name, ranks, mode, epochs, threads=1, extra=()):
-    busy = wait_quiet()
+    quiet = wait_quiet()
     cmd = [BIN / "mpiexec", "-n", str(ranks), BIN / "parnn", "train", "--distributed", mode,
-           "--epochs", str(epochs), "--engine", "numpy", "--threads", str(threads),
+           "--epochs", str(epochs), "--engine", "batch", "--threads", str(threads),
            "--no-progress", "--out", out / name, *extra]
-    t = time.perf_counter()
-    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=ROOT)
-    wall = time.perf_counter() - t
+    with harness.Timer() as t:
+        p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
         sys.exit(f"{name} failed:\n{p.stdout}\n{p.stderr}")
     print(p.stdout.strip().splitlines()[-2], flush=True)
     hist = json.loads((out / name / "history.json").read_text())
-    row = dict(name=name, mode=mode, ranks=ranks, threads=threads, wall=wall, busy_before=busy,
+    row = dict(name=name, mode=mode, ranks=ranks, threads=threads, wall=t.seconds,
+               others=t.others, **quiet,
                command=" ".join(str(c) for c in cmd).replace(str(BIN) + "/", ""))
     if mode == "allreduce":
         h = hist["history"]
@@ -193,7 +182,7 @@ def main():
     if args.cmd == "allreduce":
         return allreduce_micro([int(s) for s in args.sizes.split(",")], args.reps)
 
-    from parnn.run.train import make_config
+    from parnn.run.config import make_config
 
     n_params = make_config("modern").spec().n_params
     nbytes = 4 * n_params
@@ -203,8 +192,9 @@ def main():
                         "--sizes", f"2,{n_params}"], capture_output=True, text=True, check=True)
     got = json.loads(p.stdout)
     micro = {int(k): v for k, v in got["seconds"].items()}
-    res = dict(machine=dict(cpu=_cpu(), cores=os.cpu_count(), python=platform.python_version(),
-                            mpi=got["mpi"]), epochs=args.epochs, n_params=n_params)
+    res = dict(machine=dict(cpu=harness.cpu_facts()["cpu"], cores=os.cpu_count(),
+                            python=platform.python_version(), mpi=got["mpi"]),
+               epochs=args.epochs, n_params=n_params)
     alpha = micro[8]
     beta = nbytes / (micro[nbytes] - alpha)   # p = 2: 2(p-1)/p = 1
     res["allreduce_micro"] = dict(seconds=micro, alpha=alpha, beta=beta)
@@ -273,16 +263,6 @@ def report(res):
                   f"{r['allreduce']:.2f} | {rows[0]['allreduce'] / r['allreduce']:.1f} | "
                   f"{r['allreduce_big']:.2f} | {rows[0]['allreduce_big'] / r['allreduce_big']:.1f} | "
                   f"{r['ensemble']:.2f} | {rows[0]['ensemble'] / r['ensemble']:.1f} |")
-
-
-def _cpu():
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
 """`parnn bench` as a tool: runs end to end on a tiny workload and writes readable CSV, JSON and
-PNG; bad arguments are one-line errors with exit status 2. A smoke test: nothing here asserts
-anything about how fast anything is."""
+PNG; bad arguments are one-line errors with exit status 2; its options round-trip through the
+parser generated from them; the per-phase breakdown comes from the engines' own timers and
+accounts for the run it profiled. Nothing here asserts how fast anything is."""
 
 import csv
+import dataclasses
 import json
-import os
+import shlex
 import stat
+from pathlib import Path
 
+import numpy as np
 import pytest
 
-from parnn import bench, cli
+from parnn import cli
+from parnn.bench import Options, harness, options, overhead, report, runners
+from parnn.engines import PER_SAMPLE, make_engine
 from synthetic_data import write_dataset
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -47,14 +53,14 @@ def test_paper_workload_end_to_end(data, fake_c, tmp_path, capsys):
     assert code == 0, err
     # the paper's table format, one per engine
     assert "Threads | Time (s) | Speedup | Efficiency" in out
-    for name in bench.PER_SAMPLE:
+    for name in PER_SAMPLE:
         assert f"engine {name}" in out
     assert "C reference nn_omp" in out and "PREDICTION" in out
 
     rows = list(csv.DictReader((out_dir / "bench.csv").open()))
-    assert tuple(rows[0]) == bench.CSV_COLUMNS
+    assert tuple(rows[0]) == report.CSV_COLUMNS
     engines = {r["name"] for r in rows if r["kind"] == "engine"}
-    assert engines == set(bench.PER_SAMPLE)
+    assert engines == set(PER_SAMPLE)
     for r in rows:
         assert float(r["time_s"]) > 0 and float(r["time_min_s"]) <= float(r["time_max_s"])
         assert float(r["gemm_peak_gflops"]) > 0
@@ -64,7 +70,7 @@ def test_paper_workload_end_to_end(data, fake_c, tmp_path, capsys):
 
     res = json.loads((out_dir / "bench.json").read_text())
     for key in ("command", "machine", "workload", "results", "runs", "gemm_peak_gflops", "sync",
-                "breakdown", "model", "paper", "notes"):
+                "phases", "breakdown", "model", "paper", "notes"):
         assert key in res, key
     m = res["machine"]
     for key in ("cpu", "cores", "blas", "numba", "numba_threading_layer", "numpy", "python"):
@@ -72,14 +78,17 @@ def test_paper_workload_end_to_end(data, fake_c, tmp_path, capsys):
     assert m["blas"] and "kernel" in m["blas"][0]
     assert res["command"].startswith("parnn bench --workload paper")
     assert res["workload"]["sizes"] == [784, 16, 8, 10]
-    assert {b["engine"] for b in res["breakdown"]} == {"serial", "neuron", "owner"}
-    for b in res["breakdown"]:                      # the phases add up to the measured total
-        parts = b["forward_s"] + b["error_s"] + b["update_s"] + b["sync_s"]
-        assert parts == pytest.approx(b["total_s"])
-    assert [q["threads"] for q in res["model"]["prediction"]] == sorted(bench.PAPER_TIMES)
+    # every per-sample configuration was profiled; the engines that never meet record no wait
+    assert {(b["engine"], b["threads"]) for b in res["breakdown"]} == {(n, 1) for n in PER_SAMPLE}
+    for b in res["breakdown"]:
+        assert b["forward_s"] > 0 and b["output_s"] > 0 and b["backward_s"] > 0, b
+        assert (b["wait_s"] > 0) == (b["engine"] == "owner"), b
+        # neuron forks and joins, owner meets at barriers, 2 x 3 layers - 1 times per sample
+        assert b["sync_per_sample"] == (0 if b["engine"] in ("serial", "hogwild") else 5)
+    assert [q["threads"] for q in res["model"]["prediction"]] == sorted(overhead.PAPER_TIMES)
 
     bd = list(csv.DictReader((out_dir / "breakdown.csv").open()))
-    assert tuple(bd[0]) == bench.BREAKDOWN_COLUMNS
+    assert tuple(bd[0]) == report.BREAKDOWN_COLUMNS
     for name in ("time.png", "speedup.png", "breakdown.png", "model.png"):
         assert (out_dir / name).read_bytes()[:8] == PNG, name
 
@@ -98,16 +107,102 @@ def test_modern_workload_with_peers(data, tmp_path, capsys):
     assert "breakdown" not in res                   # no per-sample engine
     assert all("quiet_wait_s" in r for r in res["runs"])
     peers = {r["name"]: r for r in rows if r["kind"] == "peer"}
-    for p in bench.PEERS:                           # measured when installed, a note when not
+    for p in options.PEERS:                         # measured when installed, a note when not
         assert p in peers or any(p in n for n in res["notes"])
     for r in peers.values():
         assert float(r["parnn_over_this"]) > 0
     assert (out_dir / "time.png").read_bytes()[:8] == PNG
 
 
+# --- the phases come from the engines' own timers and account for the profiled run ------------
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    """W1 at 784-64-32-10 on 2000 synthetic samples: enough work per run that the time outside
+    the sample loop (W0's transposes, starting threads) is a small part of it."""
+    from parnn.data import load_dataset
+    from parnn.run.config import make_config
+
+    d = write_dataset(tmp_path_factory.mktemp("work"), n_train=2000, n_test=10)
+    cfg = make_config("paper", hidden=(64, 32))
+    return runners.make_work(cfg, load_dataset("fashion-mnist", d, cfg.dtype))
+
+
+@pytest.mark.parametrize("name", PER_SAMPLE)
+def test_profiled_phases_account_for_the_run(name, work):
+    """The phases a thread recorded add up to at most the profiled run's wall time (+2% for
+    the cycle counter's calibration) and to at least 60% of it (the rest: W0's transposes
+    and the thread starts, outside the loop, and more of them on a busy machine). hogwild's
+    threads train separate parts of the order, so only together do they cover the run. Work
+    happens in forward, output and backward; only the owner engine's threads wait for each
+    other (unless a busy core made it fall back to its serial loop)."""
+    threads = min(2, harness.usable_cores())
+    engine = make_engine(name, profile=True)
+    prof = runners.profiled_run(engine, work, threads)
+    assert prof["phases"] == ("forward", "output", "backward", "wait")
+    seconds, wall = prof["seconds"], prof["time_s"]
+    seconds = seconds[seconds.sum(axis=1) > 0]          # the threads that ran in this run
+    meets = name == "owner" and len(seconds) > 1
+    if name == "owner" and not meets:                   # every chunk ran serially: it says so
+        assert threads == 1 or engine.info()["serial_chunks"] > 0
+    assert len(seconds) == (threads if meets or name == "hogwild" else 1)
+    per_thread = seconds.sum(axis=1)
+    assert np.all(per_thread <= 1.02 * wall), (per_thread, wall)
+    covered = per_thread.sum() if name == "hogwild" else per_thread.min()
+    assert covered >= 0.6 * wall, (per_thread, wall)
+    assert np.all(seconds[:, :3] > 0)
+    assert np.all((seconds[:, 3] > 0) == (name == "owner" and (meets or threads == 1)))
+
+
+def test_breakdown_row_takes_the_mean_over_threads_and_the_probed_sync():
+    prof = {"time_s": 1.0, "phases": ("forward", "output", "backward", "wait"),
+            "seconds": np.array([[0.5, 0.1, 0.3, 0.1], [0.3, 0.1, 0.3, 0.3]])}
+    sync = {2: {"forkjoin_us": 2.0, "barrier_us": 0.5}}
+    b = overhead.breakdown_row("owner", 2, 0.9, prof, sync, n_layers=3, samples=1000)
+    assert (b["forward_s"], b["wait_s"]) == pytest.approx((0.4, 0.2))
+    assert b["total_s"] == 0.9 and b["profiled_s"] == 1.0
+    assert b["sync_kind"] == "barriers" and b["sync_s"] == pytest.approx(5 * 1000 * 0.5e-6)
+    n = overhead.breakdown_row("neuron", 2, 0.9, prof, sync, n_layers=3, samples=1000)
+    assert n["sync_kind"] == "fork/join" and n["sync_s"] == pytest.approx(5 * 1000 * 2e-6)
+    s = overhead.breakdown_row("serial", 2, 0.9, prof, sync, n_layers=3, samples=1000)
+    assert s["sync_s"] == 0 and s["sync_kind"] == "none"
+
+
+# --- options: declared once, parsed by the generated parser -----------------------------------
+
+def parse(argv):
+    return Options.from_namespace(cli.build_parser().parse_args(["bench", *argv]))
+
+
+@pytest.mark.parametrize("opts", [
+    Options(),
+    Options(workload="modern", engines=("batch",), threads=(1, 2), hidden=(64, 32), epochs=2,
+            limit_train=500, repeat=1, peers=("torch",), c_reference=Path("/tmp/c"), seed=7,
+            breakdown=False, dense=True, quiet_wait=2.5, out=Path("o"), progress=False,
+            data="d", dataset="mnist"),
+    Options(peers=("torch", "sklearn"), quiet_wait=0.1234567),
+])
+def test_options_round_trip_through_the_cli(opts):
+    assert parse(opts.argv()) == opts
+    # the command of record leaves out what changes no result: the progress bar
+    assert parse(shlex.split(opts.command())[2:]) == dataclasses.replace(opts, progress=True)
+
+
+def test_every_option_is_a_flag_of_the_cli(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(Options):
+        assert f.metadata["flag"] in text, f.name
+    assert parse([]) == Options()
+    assert parse(["--peers"]).peers == options.PEERS
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--threads", "0"], "--threads must be >= 1"),
     (["--threads", "a,b"], "expected comma-separated integers"),
+    (["--threads", "1", "--threads", "2"], "--threads given twice"),
+    (["--dense", "--dense"], "--dense given twice"),
     (["--workload", "nope"], "invalid choice"),
     (["--repeat", "0"], "--repeat must be >= 1"),
     (["--engines", "serial,warp"], "unknown engine 'warp'"),
@@ -131,34 +226,41 @@ def test_bad_arguments_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     assert not (tmp_path / "o").exists()            # refused before any work
 
 
+# --- the harness and the model ----------------------------------------------------------------
+
 def test_default_threads():
-    assert bench.default_threads(1) == (1,)
-    assert bench.default_threads(2) == (1, 2)
-    assert bench.default_threads(6) == (1, 2, 4, 6)
+    assert harness.default_threads(1) == (1,)
+    assert harness.default_threads(2) == (1, 2)
+    assert harness.default_threads(6) == (1, 2, 4, 6)
 
 
 def test_model_recovers_its_own_parameters():
     """fit_model on times made by the model itself gives them back."""
     regions = 1000
     times = {p: 2.0 + 8.0 / p + regions * (1.0 + 0.5 * p) * 1e-6 for p in (1, 2, 4)}
-    m = bench.fit_model(times, {1: 1.5, 2: 2.0, 4: 3.0}, regions)
+    m = overhead.fit_model(times, {1: 1.5, 2: 2.0, 4: 3.0}, regions)
     assert m["serial_s"] == pytest.approx(2.0) and m["compute_s"] == pytest.approx(8.0)
     assert m["cost_us_intercept"] == pytest.approx(1.0)
-    assert bench.predict(m, 8)["time_s"] == pytest.approx(3.0 + regions * 5e-6)
+    assert overhead.predict(m, 8)["time_s"] == pytest.approx(3.0 + regions * 5e-6)
 
 
-def test_paper_implied_overhead():
-    imp = bench.paper_implied_overhead()
-    assert imp[28] == pytest.approx((180.97 - 1260 / 28) / 540000 * 1e6)
+def test_paper_implied_overhead_gives_back_the_papers_times():
+    """Perfectly scaled compute plus the implied overhead per region is the paper's table."""
+    imp = overhead.paper_implied_overhead()
+    t1 = overhead.PAPER_TIMES[1]
+    regions = overhead.PAPER_REGIONS * overhead.EPOCH
+    assert sorted(imp) == sorted(p for p in overhead.PAPER_TIMES if p > 1)
+    for p, us in imp.items():
+        assert t1 / p + regions * us * 1e-6 == pytest.approx(overhead.PAPER_TIMES[p])
 
 
 def test_parse_result():
-    kv = bench.parse_result("epoch 1 x\nRESULT build=omp train_s=14.1 test_acc=0.83\n")
+    kv = harness.parse_result("epoch 1 x\nRESULT build=omp train_s=14.1 test_acc=0.83\n")
     assert kv == {"build": "omp", "train_s": "14.1", "test_acc": "0.83"}
-    assert bench.parse_result("nothing") == {}
+    assert harness.parse_result("nothing") == {}
 
 
 def test_the_model_fits_the_papers_table():
-    f = bench.fit_paper()
-    for p, t in bench.PAPER_TIMES.items():
+    f = overhead.fit_paper()
+    for p, t in overhead.PAPER_TIMES.items():
         assert f["fitted_s"][p] == pytest.approx(t, rel=0.1)

@@ -1,0 +1,201 @@
+"""One timed run of each kind: a parnn engine, PyTorch, scikit-learn, the C reference.
+
+Every runner takes the shared `Work` (settings, data, the epochs' sample orders) and a thread
+count, and returns {"time_s", "others", "test_acc", ...} for a timed run, or None when called
+with warm_up=True (compile, start thread pools: never timed).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from parnn.bench.harness import Timer, c_reference_command, run_c_reference
+
+WARMUP_SAMPLES = 256
+
+
+@dataclass
+class Work:
+    """What every run shares: settings, data, the epochs' sample orders."""
+
+    cfg: object
+    spec: object
+    X: np.ndarray
+    T: np.ndarray
+    y: np.ndarray
+    X_test: np.ndarray
+    y_test: np.ndarray
+    orders: list = field(default_factory=list)
+
+    @property
+    def samples(self):
+        return len(self.X) * len(self.orders)      # samples trained per run
+
+
+def make_work(cfg, ds):
+    """The Work of a config on a loaded dataset; the epochs' orders come from the training
+    loop's order stream (seed + 1), so a run trains what `parnn train` would."""
+    from parnn.data import one_hot
+
+    spec = cfg.spec()
+    rng = np.random.default_rng(cfg.seed + 1)
+    return Work(cfg, spec, ds.X_train, one_hot(ds.y_train, spec.sizes[-1], spec.dtype),
+                ds.y_train, ds.X_test, ds.y_test,
+                [rng.permutation(len(ds.X_train)) for _ in range(cfg.epochs)])
+
+
+# --- parnn's engines ----------------------------------------------------------------------------
+
+def train_run(engine, w, threads, warm_up=False):
+    """One run: a new network from the seed, every epoch in the training loop's chunks.
+    Returns (the trained network, {"time_s", "others", "test_acc"}), or None for a warm-up."""
+    from parnn.core.model import MLP
+    from parnn.core.optim import make_optimizer
+    from parnn.run.config import lr_at
+    from parnn.run.train import chunk_size, set_threads
+
+    cfg = w.cfg
+    net = MLP(w.spec, init=cfg.init, seed=cfg.seed)
+    opt = make_optimizer(cfg.optimizer, w.spec.n_params, w.spec.dtype, cfg.lr, cfg.momentum)
+    step = chunk_size(engine, cfg.batch_size, len(w.X))
+    limits, _ = set_threads(threads, engine)
+    with limits, np.errstate(all="ignore"):
+        if warm_up:
+            n = WARMUP_SAMPLES if cfg.batch_size == 1 else 2 * cfg.batch_size
+            engine.train(net, opt, w.X, w.T, w.orders[0][:n], cfg.batch_size)
+            return None
+        with Timer() as t:
+            for epoch, order in enumerate(w.orders, 1):
+                opt.lr = lr_at(cfg, epoch)
+                for start in range(0, len(order), step):
+                    engine.train(net, opt, w.X, w.T, order[start:start + step], cfg.batch_size)
+        acc = float(np.mean(net.predict(w.X_test) == w.y_test))
+    return net, {"time_s": t.seconds, "others": t.others, "test_acc": acc}
+
+
+def engine_run(engine, w, threads, warm_up=False):
+    out = train_run(engine, w, threads, warm_up)
+    return None if out is None else out[1]
+
+
+def profiled_run(engine, w, threads):
+    """A warm-up and one run of a per-sample engine made with profile=True: the run's time, and
+    where that time went by the engine's own timers. Returns time_s, others, test_acc, phases
+    (their names) and seconds (a row per participating thread, a column per phase)."""
+    train_run(engine, w, threads, warm_up=True)
+    before = engine.phase_seconds()["seconds"]          # the engine sums over all its calls
+    _, out = train_run(engine, w, threads)
+    prof = engine.phase_seconds()
+    seconds = np.array(prof["seconds"], float)
+    seconds[:len(before)] -= before
+    return {**out, "phases": tuple(prof["phases"]), "seconds": seconds}
+
+
+# --- peers --------------------------------------------------------------------------------------
+
+def torch_run(w, threads, warm_up=False):
+    """The same network, init, sample order and optimizer in PyTorch: per-sample SGD for the
+    paper workload (a Python loop of batch-1 steps, as its users would write it), Adam on
+    mini-batches for the modern one. torch.set_num_threads(threads)."""
+    import torch
+
+    from parnn.core.model import MLP
+    from parnn.run.config import lr_at
+
+    cfg, spec = w.cfg, w.spec
+    torch.set_num_threads(threads)
+    dt = getattr(torch, spec.dtype)
+    net = MLP(spec, init=cfg.init, seed=cfg.seed)
+    act = {"tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid, "relu": torch.nn.ReLU}
+    layers = []
+    for l, (W, b) in enumerate(zip(net.W, net.b)):
+        lin = torch.nn.Linear(W.shape[1], W.shape[0], dtype=dt)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(W))
+            lin.bias.copy_(torch.from_numpy(b))
+        layers.append(lin)
+        if spec.activation(l) != "softmax":      # softmax is inside CrossEntropyLoss
+            layers.append(act[spec.activation(l)]())
+    model = torch.nn.Sequential(*layers)
+    if cfg.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    X, T, y = torch.from_numpy(w.X), torch.from_numpy(w.T), torch.from_numpy(w.y)
+    ce = torch.nn.CrossEntropyLoss()
+
+    def loss_of(out, idx):
+        if spec.loss == "mse":                   # parnn's: mean over the batch of 0.5 sum (a-t)^2
+            return 0.5 * ((out - T[idx]) ** 2).sum() / out.shape[0]
+        return ce(out, y[idx])
+
+    bs = cfg.batch_size
+
+    def batches(order):
+        if bs == 1:                              # a slice is much cheaper than an index tensor
+            return (slice(i, i + 1) for i in order.tolist())
+        o = torch.from_numpy(order)
+        return (o[s:s + bs] for s in range(0, len(order), bs))
+
+    def steps(order):
+        for idx in batches(order):
+            opt.zero_grad(set_to_none=True)
+            loss_of(model(X[idx]), idx).backward()
+            opt.step()
+
+    if warm_up:
+        steps(w.orders[0][:64 if bs == 1 else 2 * bs])
+        return None
+    with Timer() as t:
+        for epoch, order in enumerate(w.orders, 1):
+            for g in opt.param_groups:
+                g["lr"] = lr_at(cfg, epoch)
+            steps(order)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(w.X_test)).argmax(1).numpy()
+    return {"time_s": t.seconds, "others": t.others, "test_acc": float(np.mean(pred == w.y_test))}
+
+
+def sklearn_run(w, threads, warm_up=False):
+    """MLPClassifier, configured as close as it allows: same hidden layers and activation, same
+    solver (sgd without momentum at batch 1, or adam at batch 128), same lr, no L2 penalty. Its
+    output layer is ALWAYS softmax with log-loss (no tanh + MSE), and it draws its own init and
+    sample order. The whole fit() call is timed; BLAS threads limited to `threads`."""
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.neural_network import MLPClassifier
+    from threadpoolctl import threadpool_limits
+
+    cfg, spec = w.cfg, w.spec
+    act = {"tanh": "tanh", "relu": "relu", "sigmoid": "logistic"}[spec.hidden]
+    kw = dict(solver="sgd", momentum=0.0, nesterovs_momentum=False) if cfg.optimizer == "sgd" \
+        else dict(solver="adam")
+    clf = MLPClassifier(hidden_layer_sizes=spec.sizes[1:-1], activation=act, alpha=0.0,
+                        batch_size=cfg.batch_size, learning_rate_init=cfg.lr,
+                        max_iter=1 if warm_up else cfg.epochs, shuffle=True,
+                        random_state=cfg.seed, tol=0.0, n_iter_no_change=cfg.epochs + 1, **kw)
+    X, y = (w.X[:WARMUP_SAMPLES], w.y[:WARMUP_SAMPLES]) if warm_up else (w.X, w.y)
+    with threadpool_limits(threads, user_api="blas"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        with Timer() as t:
+            clf.fit(X, y)
+    if warm_up:
+        return None
+    return {"time_s": t.seconds, "others": t.others,
+            "test_acc": float(clf.score(w.X_test, w.y_test)), "dtype": str(clf.coefs_[0].dtype)}
+
+
+PEER_RUNS = {"torch": torch_run, "sklearn": sklearn_run}
+
+
+# --- the C reference --------------------------------------------------------------------------
+
+def c_run(cdir, binary, threads, w, data_dir, warm_up=False):
+    """One run of the C reference binary on the workload's hidden sizes, epochs, lr and seed.
+    (No warm-up: it has nothing to compile and times itself after loading.)"""
+    if warm_up:
+        return None
+    return run_c_reference(c_reference_command(cdir, binary, threads, w.spec.sizes[1:3],
+                                               len(w.orders), w.cfg.lr, w.cfg.seed, data_dir))
