@@ -1,8 +1,11 @@
 """Data loading, validation, lookup and fetching, all on tiny synthetic files."""
 
+import contextlib
 import functools
 import gzip
 import hashlib
+import os
+import signal
 import http.server
 import struct
 import threading
@@ -465,3 +468,89 @@ def test_real_fashion_mnist(monkeypatch):
     assert ds.sha256 == expected
     text = describe(ds)
     assert text.count("verified") == 4 and "MISMATCH" not in text
+
+
+# ---------------------------------------------------------------- issue 14: sizes first, probes
+
+
+def test_gzip_trailing_bytes_are_found_without_inflating_them(tmp_path):
+    import tracemalloc
+
+    path = tmp_path / "labels.gz"  # 64 KB of gzip, 64 MB of zeros after 5 labels
+    path.write_bytes(gzip.compress(idx_bytes(np.arange(5)) + bytes(64 * 2**20)))
+    tracemalloc.start()
+    try:
+        assert_data_error(lambda: read_idx(path), path,
+                          match="trailing bytes: header says 5 (5 bytes) but the data goes on")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MB allocated"
+
+
+def test_a_gzip_header_promising_more_than_gzip_can_hold(tmp_path):
+    path = tmp_path / "images.gz"
+    path.write_bytes(gzip.compress(bytes([0, 0, 8, 3]) + struct.pack(">3i", 2**30, 28, 28)))
+    assert_data_error(lambda: read_idx(path), path, match="cannot hold that much")
+
+
+def test_a_header_larger_than_the_datasets_file_is_refused_before_reading(tmp_path, monkeypatch):
+    d = tmp_path / "d"
+    write_dataset(d)
+    monkeypatch.setitem(data.DATASETS, "tiny", tiny_spec(d))
+    victim = d / "train-labels-idx1-ubyte.gz"
+    victim.write_bytes(gzip.compress(idx_bytes(np.zeros(N_TRAIN + 1))))  # one label too many
+    assert_data_error(lambda: load_dataset("tiny", data_dir=d), victim,
+                      match=f"header says {N_TRAIN + 1} ({N_TRAIN + 1} bytes), more than this "
+                            f"dataset's file holds ({N_TRAIN} bytes)")
+
+
+@contextlib.contextmanager
+def no_hang(seconds=10):
+    """A FIFO opened for a blocking read would wait forever: fail instead."""
+    def alarm(signum, frame):
+        raise TimeoutError(f"no result after {seconds}s")
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_a_fifo_among_the_data_files_is_named_not_opened(tmp_path):
+    write_dataset(tmp_path / "d")
+    victim = tmp_path / "d" / "train-labels-idx1-ubyte.gz"
+    victim.unlink()
+    os.mkfifo(victim)
+    with no_hang():
+        assert_data_error(lambda: load_dataset(data_dir=tmp_path / "d"), victim, match="is a FIFO")
+        assert_data_error(lambda: read_idx(victim), victim, match="is a FIFO")
+        assert_data_error(lambda: read_csv(victim), victim, match="is a FIFO")
+
+
+def test_paths_that_cannot_be_probed_are_one_line(tmp_path, monkeypatch):
+    long = tmp_path / ("x" * 300)
+    assert_data_error(lambda: find_data_dir(data_dir=long), long, match="File name too long")
+    monkeypatch.setenv("PARNN_DATA", "\x01\n")
+    msg = assert_data_error(lambda: find_data_dir(), "\\x01\\n", match="$PARNN_DATA")
+    assert "\x01" not in msg
+    monkeypatch.delenv("PARNN_DATA")
+    # The default places are only looked in: one that cannot be probed is skipped, and said so.
+    monkeypatch.setattr(data, "SYSTEM_DATASETS", long)
+    msg = assert_data_error(lambda: find_data_dir(), match="File name too long")
+    write_dataset(tmp_path / "xdg-cache" / "parnn" / "fashion-mnist")
+    assert find_data_dir() == tmp_path / "xdg-cache" / "parnn" / "fashion-mnist"
+
+
+def test_fetch_refuses_a_download_larger_than_the_file_can_be(tmp_path, monkeypatch):
+    root = tmp_path / "mirror"
+    write_dataset(root)
+    monkeypatch.setitem(data.DATASETS, "tiny", tiny_spec(root))
+    size = data.DATASETS["tiny"].files["train-images"].size
+    (root / "train-images-idx3-ubyte.gz").write_bytes(np.random.default_rng(0).bytes(2 * size + 8192))
+    dest = tmp_path / "dest"
+    assert_data_error(lambda: fetch("tiny", dest=dest, base_url=root.as_uri(), progress=False),
+                      "train-images-idx3-ubyte.gz", "nothing was kept", match="more than")
+    assert list(dest.iterdir()) == []

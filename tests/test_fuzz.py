@@ -188,12 +188,26 @@ def test_any_edit_of_the_header_is_caught(edit):
         io.load_model(path)
 
 
-def test_files_from_before_the_header_checksum_still_load():
+def test_a_header_without_its_checksum_is_refused_and_old_files_can_be_upgraded():
+    """Format 2 requires the header checksum: deleting it (to edit the spec unseen) is caught.
+    A format 1 file from before the checksum existed gets a message on how to re-save it, and
+    upgrade() re-saves it after every other check."""
     tensors, header = parse(MODEL)
     del header["header_sha256"]
     path = WORK / "old.safetensors"
     path.write_bytes(safetensors.numpy.save(tensors, metadata={"parnn": json.dumps(header)}))
-    assert io.load_model(path)[1]["class_names"] == ["a", "b", "c"]
+    with pytest.raises(ModelFileError, match="header has no checksum: the file is damaged"):
+        io.load_model(path)
+    header["format"] = 1
+    path.write_bytes(safetensors.numpy.save(tensors, metadata={"parnn": json.dumps(header)}))
+    with pytest.raises(ModelFileError, match=r"older parnn \(format 1\) without a header checksum"
+                                             r".*python -m parnn.io upgrade"):
+        io.load_model(path)
+    assert io.upgrade(path) == "model"
+    net, meta = io.load_model(path)
+    assert meta["class_names"] == ["a", "b", "c"]
+    assert net.params.tobytes() == tensors["params"].tobytes()
+    assert parse(path.read_bytes())[1]["format"] == io.FORMAT
 
 
 def _check_loaded(path):
@@ -261,6 +275,34 @@ def test_random_model_metadata(kind, changes, rehash):
     with no_hang(), contextlib.redirect_stdout(None):
         err = _stderr_of(["predict", str(path), str(npy)])
     assert err.count("\n") <= 1 and "Traceback" not in err
+
+
+TENSOR_ENTRY = st.fixed_dictionaries({
+    "dtype": st.sampled_from(["F64", "F32", "U8", "BOOL", "BF16", "X"]) | json_values,
+    "shape": st.lists(st.integers(-1, 6), max_size=3) | json_values,
+    "data_offsets": st.lists(st.integers(-1, 80), min_size=2, max_size=2) | json_values})
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=4), TENSOR_ENTRY | json_values, max_size=4),
+       st.integers(0, 100), st.booleans())
+def test_random_safetensors_index(index, n_data, keep_parnn):
+    """parnn reads the safetensors container itself (sizes before data): any index, any data
+    length gives ModelFileError or tensors that tile the file exactly."""
+    if keep_parnn:
+        n = int.from_bytes(MODEL[:8], "little")
+        index["__metadata__"] = json.loads(MODEL[8:8 + n])["__metadata__"]
+    text = json.dumps(index).encode()
+    path = WORK / "index.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + bytes(n_data))
+    with no_hang():
+        try:
+            arrays, meta = io.load_checkpoint(path)
+        except ModelFileError:
+            event("refused")
+            return
+    event("loaded")  # only a header whose checksum matched could get here
+    assert sum(a.nbytes for a in arrays.values()) == n_data
 
 
 def _stderr_of(argv):

@@ -1,7 +1,9 @@
+import contextlib
 import csv
 import hashlib
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -24,14 +26,17 @@ def sha(a):
 
 
 def header(net, **over):
-    h = {"format": 1, "kind": "model", "spec": net.spec.to_dict(), "meta": {},
+    h = {"format": io.FORMAT, "kind": "model", "spec": net.spec.to_dict(), "meta": {},
          "params_sha256": sha(net.params)}
     h.update(over)
     return h
 
 
-def write_raw(path, tensors, parnn_meta):
-    """A safetensors file with any tensors and any 'parnn' metadata (str, dict or None)."""
+def write_raw(path, tensors, parnn_meta, rehash=True):
+    """A safetensors file with any tensors and any 'parnn' metadata (str, dict or None); a dict
+    gets a matching header checksum unless rehash is False (as a careful forger would)."""
+    if isinstance(parnn_meta, dict) and rehash:
+        parnn_meta = dict(parnn_meta, header_sha256=io._header_sha256(parnn_meta))
     md = None if parnn_meta is None else {
         "parnn": parnn_meta if isinstance(parnn_meta, str) else json.dumps(parnn_meta)}
     path.write_bytes(safetensors.numpy.save(tensors, metadata=md))
@@ -73,7 +78,7 @@ def test_file_is_plain_safetensors_with_one_params_tensor(tmp_path):
     with safetensors.safe_open(path, "np") as f:
         assert list(f.keys()) == ["params"]
         h = json.loads(f.metadata()["parnn"])
-    assert h["format"] == 1 and h["spec"] == net.spec.to_dict()
+    assert h["format"] == io.FORMAT == 2 and h["spec"] == net.spec.to_dict()
     assert h["params_sha256"] == sha(net.params) and h["meta"] == {"x": 3}
 
 
@@ -178,7 +183,7 @@ def test_metadata_missing_or_not_json_or_not_object(tmp_path):
     assert_bad(write_raw(tmp_path / "c", {"params": p}, "[1, 2]"), "not a JSON object")
 
 
-@pytest.mark.parametrize("fmt,words", [(2, ["newer", "format 2"]), (0, ["unknown file format"]),
+@pytest.mark.parametrize("fmt,words", [(3, ["newer", "format 3"]), (0, ["unknown file format"]),
                                        ("1", ["unknown file format"]), (None, ["unknown"])])
 def test_wrong_format_version(tmp_path, fmt, words):
     net = small_net()
@@ -295,3 +300,130 @@ def test_atomic_helpers(tmp_path):
     with pytest.raises(ValueError):
         with io.atomic_open(d / "x", "a"):
             pass
+
+
+# --- issue 14: the reader checks sizes first; digests; read-only targets ----------------------
+
+def test_params_sha256_is_the_digest_of_the_little_endian_bytes():
+    p = small_net().params
+    assert io.params_sha256(p) == hashlib.sha256(p.astype("<f8").tobytes()).hexdigest()
+    assert io.params_sha256(p.astype(">f8")) == io.params_sha256(p)  # same numbers, same digest
+    assert io.params_sha256(p[::2]) == io.params_sha256(p[::2].copy())
+    assert io.params_sha256(p.astype(np.float32)) != io.params_sha256(p)
+
+
+def test_the_reader_agrees_with_the_safetensors_library(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {f"a{i}": rng.integers(0, 100, (3, 2)).astype(dt)
+              for i, dt in enumerate(["f8", "f4", "f2", "i8", "i4", "i2", "i1", "u8", "u4", "u2",
+                                      "u1", "?"])}
+    arrays |= {"scalar": np.array(2.5), "empty": np.zeros((0, 4), np.float32)}
+    path = tmp_path / "ck.safetensors"
+    io.save_checkpoint(path, arrays, {})
+    got, _ = io.load_checkpoint(path)
+    ref = safetensors.numpy.load(path.read_bytes())
+    assert set(got) == set(ref) == set(arrays)
+    for k, a in ref.items():
+        assert got[k].dtype == a.dtype and got[k].shape == a.shape, k
+        assert got[k].tobytes() == a.tobytes(), k
+        assert got[k].flags.owndata and got[k].flags.writeable
+
+
+def safetensors_file(path, index, data=b""):
+    text = json.dumps(index).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+@pytest.mark.parametrize("index,data,words", [
+    ({"a": {"dtype": "F64", "shape": [2], "data_offsets": [0, 16]}}, bytes(26),
+     ["10 bytes after the last tensor"]),
+    ({"a": {"dtype": "F64", "shape": [2], "data_offsets": [0, 16]}}, bytes(6), ["truncated"]),
+    ({"a": {"dtype": "F64", "shape": [2], "data_offsets": [0, 8]}}, bytes(8), ["8 bytes for shape"]),
+    ({"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+      "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12), ["overlap"]),
+    ({"a": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}, bytes(8), ["gaps"]),
+    ({"a": {"dtype": "BF16", "shape": [1], "data_offsets": [0, 2]}}, bytes(2), ["malformed"]),
+    ({"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4), ["malformed"]),
+    ({"a": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}, bytes(4), ["malformed"]),
+    ({"__metadata__": {"parnn": 3}}, b"", ["__metadata__"]),
+], ids=["trailing", "truncated", "size-vs-shape", "overlap", "gap", "bf16", "dtype-list",
+        "negative-dim", "metadata-not-str"])
+def test_the_safetensors_index_is_checked_against_the_file(tmp_path, index, data, words):
+    assert_bad(safetensors_file(tmp_path / "x.safetensors", index, data), *words)
+
+
+def test_duplicate_keys_in_the_index_are_refused(tmp_path):
+    text = b'{"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}, ' \
+           b'"a": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}'
+    path = tmp_path / "dup.safetensors"
+    path.write_bytes(len(text).to_bytes(8, "little") + text + b"\x00")
+    assert_bad(path, "not a valid safetensors file", "duplicate")
+
+
+@contextlib.contextmanager
+def no_hang(seconds=10):
+    """A FIFO opened for a blocking read would wait forever: fail instead."""
+    def alarm(signum, frame):
+        raise TimeoutError(f"no result after {seconds}s")
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def test_special_files_are_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    with no_hang():
+        assert_bad(tmp_path / "fifo", "is a FIFO, not a model file")
+    assert_bad("/dev/zero", "is a character device, not a model file")
+    assert_bad(tmp_path / ("x" * 300), "File name too long")
+
+
+def test_a_read_only_file_is_not_replaced(tmp_path):
+    target = tmp_path / "m.safetensors"
+    io.save_model(target, small_net(seed=1), {})
+    target.chmod(0o444)
+    before = target.read_bytes()
+    with pytest.raises(PermissionError, match="m.safetensors is read-only"):
+        io.save_model(target, small_net(seed=2), {})
+    assert target.read_bytes() == before and leftovers(tmp_path) == []
+    target.chmod(0o644)
+    io.save_model(target, small_net(seed=2), {})
+    assert target.read_bytes() != before
+
+
+def test_class_names_with_control_characters(tmp_path):
+    with pytest.raises(ValueError, match="class name 1"):
+        io.save_model(tmp_path / "m", small_net(), {"class_names": ["a", "b\nc", "d"]})
+    net = small_net()
+    h = header(net, meta={"class_names": ["a", "b\x1b[2Jc", "d"]})
+    msg = assert_bad(write_raw(tmp_path / "m", {"params": net.params}, h), "control character")
+    assert "\x1b" not in msg and "\\x1b" in msg
+
+
+def test_shown_escapes_only_what_cannot_be_printed():
+    assert io.shown("/data/fashion é") == "/data/fashion é"
+    assert io.shown("a\nb\x01") == "a\\nb\\x01"
+    assert io.shown(b"/x\xff".decode("utf-8", "surrogateescape")) == "/x\\udcff"
+
+
+@pytest.mark.parametrize("where,words", [
+    ("/proc/parnn-x", ["/proc is not writable"]),
+    ("{t}/file/sub", ["cannot be created", "is a file"]),
+    ("{t}/" + "y" * 300, ["File name too long"]),
+])
+def test_check_output_dir(tmp_path, where, words):
+    from parnn.errors import ConfigError
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError) as e:
+        io.check_output_dir(where.replace("{t}", str(tmp_path)), "--out")
+    assert str(e.value).startswith("--out ") and "\n" not in str(e.value)
+    for w in words:
+        assert w in str(e.value), str(e.value)
+    io.check_output_dir(tmp_path / "new" / "dirs", "--out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the test left nothing

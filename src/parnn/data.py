@@ -3,13 +3,20 @@
 Formats: the four IDX files (gzipped or not) and the Kaggle CSV pair.
 Every problem a user can cause is a one-line DataError naming the file.
 This module knows nothing of models: it hands out arrays.
+
+Files are read header first: an IDX file's magic and dimensions, then its size against them
+(and against the size the dataset's real file has), and only then its data; gzip is inflated
+as a stream, never past the declared size + 1 byte, so a gzip bomb or a huge sparse file costs
+nothing. Only regular files are opened (parnn.paths), so a FIFO cannot hang a run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import hashlib
+import io as _stdio
 import math
 import os
 import tempfile
@@ -24,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from parnn.errors import ConfigError, DataError
+from parnn.paths import not_regular, open_regular, path_kind, read_fully, shown
 
 FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot")
@@ -42,6 +50,9 @@ IDX_NAMES = {
 SYSTEM_DATASETS = Path("/usr/share/datasets")
 GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 1 << 20
+# Deflate cannot expand data more than about 1032:1, so a gzip file of n bytes holds at most
+# this many times n: a header that promises more is refused before memory is set aside for it.
+_MAX_INFLATE = 1100
 
 
 @dataclass(frozen=True)
@@ -99,7 +110,7 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def _spec(dataset: str) -> DatasetSpec:
+def _dataset_spec(dataset: str) -> DatasetSpec:
     try:
         return DATASETS[dataset]
     except KeyError:
@@ -109,57 +120,76 @@ def _spec(dataset: str) -> DatasetSpec:
 # ---------------------------------------------------------------- reading files
 
 
-def _read_bytes(path: Path) -> bytes:
-    """The file's content, gunzipped if it starts with the gzip magic (names lie)."""
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not data:
-        raise DataError(f"{path}: empty file")
-    if data[:2] == GZIP_MAGIC:
+@contextlib.contextmanager
+def _unpacked(path: Path):
+    """(stream, size, gz): the file's content, gunzipped as it is read if it starts with the
+    gzip magic (names lie); size is the file's own size. Only regular files are opened."""
+    with open_regular(path, DataError, "data file") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise DataError(f"{shown(path)}: empty file")
+        gz = f.read(2) == GZIP_MAGIC
+        f.seek(0)
+        stream = gzip.GzipFile(fileobj=f, mode="rb") if gz else f
         try:
-            data = gzip.decompress(data)
-        except (EOFError, OSError, zlib.error, gzip.BadGzipFile) as e:
-            raise DataError(f"{path}: damaged gzip data ({e or type(e).__name__})") from None
-        if not data:
-            raise DataError(f"{path}: empty file (after gunzip)")
-    return data
+            yield stream, size, gz
+        except (EOFError, zlib.error, OSError) as e:  # gzip.BadGzipFile is an OSError
+            if gz:
+                raise DataError(f"{shown(path)}: damaged gzip data ({e or type(e).__name__})") from None
+            raise DataError(f"{shown(path)}: cannot read: {e.strerror or e}") from None
 
 
-def _parse_idx(path: Path, data: bytes, ndim: int | None = None, copy: bool = True) -> np.ndarray:
-    if len(data) < 4:
-        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes)")
-    if data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] not in (1, 3):
-        magic = int.from_bytes(data[:4], "big")
-        raise DataError(f"{path}: not an IDX ubyte file (magic number {magic}, expected 2049 or 2051)")
-    nd = data[3]
-    if ndim is not None and nd != ndim:
-        want, got = ("an image file (magic 2051)", "a label file") if ndim == 3 else ("a label file (magic 2049)", "an image file")
-        raise DataError(f"{path}: expected {want} but this is {got}")
-    header = 4 + 4 * nd
-    if len(data) < header:
-        raise DataError(f"{path}: truncated header: {len(data)} bytes, need {header}")
-    dims = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big", signed=True) for i in range(nd))
-    shape = "x".join(map(str, dims))
-    if any(d <= 0 for d in dims):
-        raise DataError(f"{path}: bad header: dimensions {shape} must be positive")
-    expected = math.prod(dims)  # Python ints: a hostile header cannot overflow
-    found = len(data) - header
-    if found != expected:
-        what = "truncated" if found < expected else f"{found - expected} trailing bytes"
-        raise DataError(f"{path}: {what}: header says {shape} ({expected} bytes) but found {found}")
-    # A copy so callers get an ordinary writable array, not a view of immutable bytes; the
-    # dataset loader, which only reads it once, takes the view (47 MB less at its peak).
-    view = np.frombuffer(data, np.uint8, count=expected, offset=header).reshape(dims)
-    return view.copy() if copy else view
-
-
-def _read_idx_hashed(path: Path, ndim: int | None = None, copy: bool = True) -> tuple[np.ndarray, str]:
-    data = _read_bytes(path)
-    return _parse_idx(path, data, ndim, copy), hashlib.sha256(data).hexdigest()
+def _read_idx_hashed(path: Path, ndim: int | None = None,
+                     max_bytes: int | None = None) -> tuple[np.ndarray, str]:
+    """(array, SHA-256 of the raw IDX bytes). The header is read and checked first, then the
+    size it declares (against max_bytes, and against the file's size for a raw file) before any
+    data is read; gzip data is inflated only up to the declared size + 1 byte."""
+    with _unpacked(path) as (stream, size, gz):
+        head = stream.read(4)
+        if not head and gz:
+            raise DataError(f"{shown(path)}: empty file (after gunzip)")
+        if len(head) < 4:
+            raise DataError(f"{shown(path)}: too short for an IDX header ({len(head)} bytes)")
+        if head[:3] != b"\0\0\x08" or head[3] not in (1, 3):
+            magic = int.from_bytes(head, "big")
+            raise DataError(f"{shown(path)}: not an IDX ubyte file (magic number {magic}, "
+                            "expected 2049 or 2051)")
+        nd = head[3]
+        if ndim is not None and nd != ndim:
+            want, got = (("an image file (magic 2051)", "a label file") if ndim == 3 else
+                         ("a label file (magic 2049)", "an image file"))
+            raise DataError(f"{shown(path)}: expected {want} but this is {got}")
+        header = 4 + 4 * nd
+        head += stream.read(4 * nd)
+        if len(head) < header:
+            raise DataError(f"{shown(path)}: truncated header: {len(head)} bytes, need {header}")
+        dims = tuple(int.from_bytes(head[4 + 4 * i: 8 + 4 * i], "big", signed=True)
+                     for i in range(nd))
+        shape = "x".join(map(str, dims))
+        if any(d <= 0 for d in dims):
+            raise DataError(f"{shown(path)}: bad header: dimensions {shape} must be positive")
+        expected = math.prod(dims)  # Python ints: a hostile header cannot overflow
+        says = f"header says {shape} ({expected} bytes)"
+        if max_bytes is not None and header + expected > max_bytes:
+            raise DataError(f"{shown(path)}: {says}, more than this dataset's file holds "
+                            f"({max_bytes - header} bytes)")
+        if not gz and size - header != expected:
+            found = size - header
+            what = "truncated" if found < expected else f"{found - expected} trailing bytes"
+            raise DataError(f"{shown(path)}: {what}: {says} but found {found}")
+        if gz and expected > _MAX_INFLATE * size:
+            raise DataError(f"{shown(path)}: truncated: {says} but {size} bytes of gzip data "
+                            "cannot hold that much")
+        array = np.empty(dims, np.uint8)
+        found = read_fully(stream, array.reshape(-1))
+        if found < expected:
+            raise DataError(f"{shown(path)}: truncated: {says} but found {found}")
+        if gz and stream.read(1):  # also reads the gzip trailer, so its CRC is checked
+            raise DataError(f"{shown(path)}: trailing bytes: {says} but the data goes on "
+                            "(after gunzip)")
+    h = hashlib.sha256(head)
+    h.update(array)
+    return array, h.hexdigest()
 
 
 def read_idx(path: str | os.PathLike, ndim: int | None = None) -> np.ndarray:
@@ -171,14 +201,15 @@ def _check_labels(labels: np.ndarray, where: Path | str) -> None:
     bad = np.flatnonzero(labels > 9)
     if bad.size:
         i = int(bad[0])
-        raise DataError(f"label {int(labels[i])} at index {i} in {where}: labels must be 0..9")
+        raise DataError(f"label {int(labels[i])} at index {i} in {shown(where)}: labels must be 0..9")
 
 
 def _check_pair(images: np.ndarray, labels: np.ndarray, images_path, labels_path) -> None:
     if images.shape[1:] != (28, 28):
-        raise DataError(f"{images_path}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
+        raise DataError(f"{shown(images_path)}: images are {images.shape[1]}x{images.shape[2]}, expected 28x28")
     if len(images) != len(labels):
-        raise DataError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
+        raise DataError(f"{shown(images_path)} has {len(images)} images but {shown(labels_path)} "
+                        f"has {len(labels)} labels")
     _check_labels(labels, labels_path)
 
 
@@ -193,62 +224,66 @@ def load_pair(images: str | os.PathLike, labels: str | os.PathLike) -> tuple[np.
 def _csv_diagnose(path: Path) -> None:
     """Slow row-by-row pass that finds the first bad line; only run once the fast parser failed."""
     # errors="replace": a non-UTF-8 byte becomes U+FFFD and is reported as a bad cell below.
-    with open(path, newline="", encoding="utf-8", errors="replace") as f:
+    with open_regular(path, DataError, "CSV file") as raw, \
+            _stdio.TextIOWrapper(raw, newline="", encoding="utf-8", errors="replace") as f:
         try:
             for lineno, row in enumerate(csv.reader(f), start=1):
                 if lineno > 1 and row:
                     _csv_check_row(path, lineno, row)
         except csv.Error as e:
-            raise DataError(f"{path}: not a readable CSV file ({e})") from None
+            raise DataError(f"{shown(path)}: not a readable CSV file ({e})") from None
 
 
 def _csv_check_row(path, lineno, row):
     if len(row) != 785:
-        raise DataError(f"{path}: line {lineno} has {len(row)} columns, expected 785 (label + 784 pixels)")
+        raise DataError(f"{shown(path)}: line {lineno} has {len(row)} columns, expected 785 (label + 784 pixels)")
     for col, cell in enumerate(row, start=1):
         try:
             v = int(cell)
         except ValueError:
-            raise DataError(f"{path}: line {lineno}, column {col}: {cell[:20]!r} is not an integer") from None
+            raise DataError(f"{shown(path)}: line {lineno}, column {col}: {shown(repr(cell[:20]))} "
+                            "is not an integer") from None
         hi = 9 if col == 1 else 255
         if not 0 <= v <= hi:
             what = "label" if col == 1 else "pixel"
-            raise DataError(f"{path}: line {lineno}, column {col}: {what} {v} is outside 0..{hi}")
+            raise DataError(f"{shown(path)}: line {lineno}, column {col}: {what} {v} is outside 0..{hi}")
 
 
 def read_csv(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read the Kaggle CSV (`label,pixel1..pixel784`): (images uint8 (n,28,28), labels uint8 (n,))."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            first = f.readline()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not first.strip():
-        raise DataError(f"{path}: empty file")
-    head = first.decode("utf-8", "replace").strip().split(",")
-    if head[0].strip().strip('"') != "label":
-        raise DataError(f"{path}: missing header: expected 'label,pixel1,...,pixel784' on line 1")
-    if len(head) != 785:
-        raise DataError(f"{path}: header has {len(head)} columns, expected 785 (label + 784 pixels)")
-    try:
-        # numpy's C parser: 60k rows in about a second; int16 so -1 and 256 survive to the range check.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "no data": reported below as a DataError
-            table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int16, ndmin=2)
-    except (ValueError, OverflowError):
-        _csv_diagnose(path)
-        raise DataError(f"{path}: cannot parse as CSV") from None
+    with open_regular(path, DataError, "CSV file") as f:
+        # A line longer than any header could be (785 names): not read whole into memory.
+        first = f.readline(_CHUNK)
+        if not first.strip():
+            raise DataError(f"{shown(path)}: empty file")
+        head = first.decode("utf-8", "replace").strip().split(",")
+        if head[0].strip().strip('"') != "label":
+            raise DataError(f"{shown(path)}: missing header: expected 'label,pixel1,...,pixel784' "
+                            "on line 1")
+        if len(head) != 785:
+            raise DataError(f"{shown(path)}: header has {len(head)} columns, expected 785 "
+                            "(label + 784 pixels)")
+        f.seek(0)
+        try:
+            # numpy's C parser: 60k rows in about a second; int16 so -1 and 256 survive to the
+            # range check.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "no data": a DataError below
+                table = np.loadtxt(f, delimiter=",", skiprows=1, dtype=np.int16, ndmin=2)
+        except (ValueError, OverflowError):
+            _csv_diagnose(path)
+            raise DataError(f"{shown(path)}: cannot parse as CSV") from None
+        except OSError as e:
+            raise DataError(f"{shown(path)}: cannot read: {e.strerror or e}") from None
     if table.shape[0] == 0:
-        raise DataError(f"{path}: no data rows after the header")
+        raise DataError(f"{shown(path)}: no data rows after the header")
     if table.shape[1] != 785:  # every row equally wrong, e.g. one truncated row
         _csv_diagnose(path)
-        raise DataError(f"{path}: rows have {table.shape[1]} columns, expected 785")
+        raise DataError(f"{shown(path)}: rows have {table.shape[1]} columns, expected 785")
     if table.min() < 0 or table[:, 1:].max() > 255 or table[:, 0].max() > 9:
         _csv_diagnose(path)
-        raise DataError(f"{path}: values out of range")
+        raise DataError(f"{shown(path)}: values out of range")
     return table[:, 1:].astype(np.uint8).reshape(-1, 28, 28), table[:, 0].astype(np.uint8)
 
 
@@ -264,12 +299,21 @@ def _csv_names(dataset: str) -> tuple[str, str]:
     return f"{dataset}_train.csv", f"{dataset}_test.csv"
 
 
+def _is_file(path: Path) -> bool:
+    """A regular file is there (True) or nothing is (False). Anything else there (a FIFO, a
+    directory) and any error probing it (permission denied, name too long) is one line."""
+    kind = path_kind(path, DataError)
+    if kind not in (None, "file"):
+        raise DataError(f"{shown(path)}: {not_regular(kind, 'data file')}")
+    return kind == "file"
+
+
 def _idx_files(directory: Path) -> dict[str, Path] | None:
     """The four IDX files in directory (gz name preferred, as that is what fetch writes), or None."""
     found = {}
     for role, name in IDX_NAMES.items():
         for candidate in (directory / f"{name}.gz", directory / name):
-            if candidate.is_file():
+            if _is_file(candidate):
                 found[role] = candidate
                 break
         else:
@@ -282,15 +326,15 @@ def _dataset_files(directory: Path, dataset: str) -> dict[str, Path] | None:
     if idx:
         return idx
     train, test = (directory / n for n in _csv_names(dataset))
-    if train.is_file() and test.is_file():
+    if _is_file(train) and _is_file(test):
         return {"train": train, "test": test}
     return None
 
 
 def _what_is_missing(directory: Path, dataset: str) -> str:
     missing = [f"{n}[.gz]" for n in IDX_NAMES.values()
-               if not (directory / n).is_file() and not (directory / f"{n}.gz").is_file()]
-    return (f"{directory}: no {dataset} data here: missing {', '.join(missing)} "
+               if not _is_file(directory / n) and not _is_file(directory / f"{n}.gz")]
+    return (f"{shown(directory)}: no {dataset} data here: missing {', '.join(missing)} "
             f"(or {' + '.join(_csv_names(dataset))})")
 
 
@@ -298,26 +342,35 @@ def find_data_dir(dataset: str = "fashion-mnist", data_dir: str | os.PathLike | 
     """Where the data is: data_dir, $PARNN_DATA (or its <dataset>/), /usr/share/datasets/<dataset>,
     then $XDG_CACHE_HOME/parnn/<dataset>. A place the user named explicitly must hold the data:
     we do not fall through to another copy behind their back."""
-    _spec(dataset)
+    _dataset_spec(dataset)
     explicit: list[tuple[str, Path]] = []
     if data_dir is not None:
         explicit.append(("data directory", Path(data_dir)))
     elif os.environ.get("PARNN_DATA"):
         explicit.append(("$PARNN_DATA", Path(os.environ["PARNN_DATA"])))
     for label, d in explicit:
-        if not d.is_dir():
-            raise DataError(f"{d}: {label} does not exist" if not d.exists() else f"{d}: {label} is not a directory")
+        try:
+            kind = path_kind(d, DataError)
+        except DataError as e:
+            raise DataError(f"{label} {e}") from None
+        if kind != "dir":
+            raise DataError(f"{shown(d)}: {label} does not exist" if kind is None else
+                            f"{shown(d)}: {label} is not a directory")
         for candidate in (d / dataset, d):
-            if candidate.is_dir() and _dataset_files(candidate, dataset):
+            if path_kind(candidate, DataError) == "dir" and _dataset_files(candidate, dataset):
                 return candidate
         raise DataError(_what_is_missing(d, dataset))
-    looked = [SYSTEM_DATASETS / dataset, cache_dir(dataset)]
+    # The default places are only looked in: one that cannot be read is skipped, and said so.
+    looked, problems = [SYSTEM_DATASETS / dataset, cache_dir(dataset)], []
     for d in looked:
-        if d.is_dir() and _dataset_files(d, dataset):
-            return d
+        try:
+            if path_kind(d, DataError) == "dir" and _dataset_files(d, dataset):
+                return d
+        except DataError as e:
+            problems.append(str(e))
     raise DataError(
-        f"no {dataset} data found (looked in {', '.join(map(str, looked))}; $PARNN_DATA is unset): "
-        f"run `parnn data fetch`"
+        f"no {dataset} data found (looked in {', '.join(map(shown, looked))}; $PARNN_DATA is unset"
+        + "".join(f"; {p}" for p in problems) + "): run `parnn data fetch`"
         + (" or `apt-get install dataset-fashion-mnist`" if dataset == "fashion-mnist" else "")
         + ", or pass the directory")
 
@@ -376,7 +429,7 @@ def load_dataset(name: str = "fashion-mnist", data_dir: str | os.PathLike | None
                  dtype="float32", limit_train: int | None = None,
                  limit_test: int | None = None) -> Dataset:
     """Find and load a dataset; limit_* keep the first n samples of each split."""
-    spec = _spec(name)
+    spec = _dataset_spec(name)
     dt = np.dtype(dtype)
     if dt.kind != "f":
         raise ConfigError(f"dtype must be a floating type, got {dt}")
@@ -386,6 +439,7 @@ def load_dataset(name: str = "fashion-mnist", data_dir: str | os.PathLike | None
     sha: dict[str, str] = {}
     # Each split becomes floats as soon as it is read, and its raw bytes are dropped before the
     # next file is read: the peak is the float training set plus one raw file, not all of them.
+    # No file is read past the size the dataset's file has (a gzip bomb stops there).
     splits = []
     for csv_split, prefix, limit in (("train", "train", limit_train), ("test", "t10k", limit_test)):
         if "train" in files:  # Kaggle CSV
@@ -393,8 +447,8 @@ def load_dataset(name: str = "fashion-mnist", data_dir: str | os.PathLike | None
             sha[csv_split] = _sha256_file(files[csv_split])
         else:
             images, labels = files[f"{prefix}-images"], files[f"{prefix}-labels"]
-            x, sha[f"{prefix}-images"] = _read_idx_hashed(images, 3, copy=False)
-            y, sha[f"{prefix}-labels"] = _read_idx_hashed(labels, 1)
+            x, sha[f"{prefix}-images"] = _read_idx_hashed(images, 3, _max_size(spec, f"{prefix}-images"))
+            y, sha[f"{prefix}-labels"] = _read_idx_hashed(labels, 1, _max_size(spec, f"{prefix}-labels"))
             _check_pair(x, y, images, labels)
         splits.append((_to_float(x[:limit], dt), y[:limit].astype(np.int64)))
         del x, y
@@ -403,14 +457,32 @@ def load_dataset(name: str = "fashion-mnist", data_dir: str | os.PathLike | None
                    class_names=spec.classes, name=name, source=source, files=files, sha256=sha)
 
 
+def _max_size(spec: DatasetSpec, role: str) -> int | None:
+    fs = spec.files.get(role)
+    return fs.size if fs else None
+
+
 # ---------------------------------------------------------------- checksums
 
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, DataError, "data file") as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
+    return h.hexdigest()
+
+
+def _sha256_raw(path: Path, max_bytes: int | None) -> str:
+    """SHA-256 of the content, gunzipped if gzip, inflating no more than max_bytes + 1."""
+    h, n = hashlib.sha256(), 0
+    with _unpacked(path) as (stream, _, _):
+        while chunk := stream.read(_CHUNK):
+            h.update(chunk)
+            n += len(chunk)
+            if max_bytes is not None and n > max_bytes:
+                raise DataError(f"{shown(path)}: more than {max_bytes} bytes (after gunzip): "
+                                "not the file expected here")
     return h.hexdigest()
 
 
@@ -418,23 +490,23 @@ def _check_file(path: Path, fs: FileSpec, raw_sha: str | None = None) -> tuple[b
     """(ok, actual, expected) for one file; ok is None when no checksum applies to this form of it."""
     if fs.sha256_raw:
         if raw_sha is None:
-            raw_sha = hashlib.sha256(_read_bytes(path)).hexdigest()
+            raw_sha = _sha256_raw(path, fs.size)
         return raw_sha == fs.sha256_raw, raw_sha, fs.sha256_raw
     if fs.sha256_gz and _is_gzip(path):
         actual = _sha256_file(path)
         return actual == fs.sha256_gz, actual, fs.sha256_gz
-    return None, raw_sha or hashlib.sha256(_read_bytes(path)).hexdigest(), None
+    return None, raw_sha or _sha256_raw(path, fs.size), None
 
 
 def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as f:
+    with open_regular(path, DataError, "data file") as f:
         return f.read(2) == GZIP_MAGIC
 
 
 def verify(data_dir: str | os.PathLike, dataset: str = "fashion-mnist") -> dict[str, dict]:
     """Per file: {"path", "sha256", "expected", "ok"}; ok is None where no checksum is known
     (the Kaggle CSVs; MNIST files stored uncompressed, as only .gz checksums are published)."""
-    spec, d = _spec(dataset), Path(data_dir)
+    spec, d = _dataset_spec(dataset), Path(data_dir)
     files = _dataset_files(d, dataset)
     if files is None:
         raise DataError(_what_is_missing(d, dataset))
@@ -453,7 +525,7 @@ def describe(ds: Dataset) -> str:
     spec = DATASETS.get(ds.name)
     lines = [
         f"dataset:  {ds.name}",
-        f"found in: {ds.source}",
+        f"found in: {shown(ds.source)}",
         f"train:    {len(ds.X_train)} samples x {ds.X_train.shape[1]} features ({ds.X_train.dtype})",
         f"test:     {len(ds.X_test)} samples",
         f"classes:  {', '.join(f'{i}={c}' for i, c in enumerate(ds.class_names))}",
@@ -465,7 +537,7 @@ def describe(ds: Dataset) -> str:
         ok = _check_file(path, fs, ds.sha256.get(role))[0] if fs else None
         status = {True: "verified", False: "MISMATCH", None: "no known checksum"}[ok]
         all_ok &= ok is not False
-        lines.append(f"  {path.name:<28} sha256 {ds.sha256.get(role, '?')}  {status}")
+        lines.append(f"  {shown(path.name):<28} sha256 {ds.sha256.get(role, '?')}  {status}")
     if not all_ok:
         lines.append("warning: some files do not match the published checksums")
     return "\n".join(lines)
@@ -474,27 +546,36 @@ def describe(ds: Dataset) -> str:
 # ---------------------------------------------------------------- downloading
 
 
-def _download(url: str, dest: Path, progress: bool) -> None:
+def _download(url: str, dest: Path, progress: bool, max_bytes: int | None = None) -> None:
+    """url into dest; more than max_bytes (a mirror that never stops) is refused."""
     from tqdm import tqdm
 
+    where = shown(url)
     try:
         with urllib.request.urlopen(url, timeout=60) as r, open(dest, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
+            if max_bytes is not None and total is not None and total > max_bytes:
+                raise DataError(f"{where}: {total} bytes, more than the file can be "
+                                f"({max_bytes}); nothing was kept")
+            # disable=None: no bar when stderr is not a terminal, where an error must be one line
             with tqdm(total=total, unit="B", unit_scale=True, desc=url.rsplit("/", 1)[-1],
-                      disable=not progress, leave=False) as bar:
+                      disable=None if progress else True, leave=False) as bar:
                 got = 0
                 while chunk := r.read(_CHUNK):
                     f.write(chunk)
                     got += len(chunk)
                     bar.update(len(chunk))
+                    if max_bytes is not None and got > max_bytes:
+                        raise DataError(f"{where}: more than {max_bytes} bytes, more than the "
+                                        "file can be; nothing was kept")
             if total is not None and got != total:
-                raise DataError(f"{url}: download cut short: {got} of {total} bytes")
+                raise DataError(f"{where}: download cut short: {got} of {total} bytes")
     except urllib.error.HTTPError as e:
-        raise DataError(f"{url}: download failed: HTTP {e.code} {e.reason}") from None
+        raise DataError(f"{where}: download failed: HTTP {e.code} {shown(e.reason)}") from None
     except urllib.error.URLError as e:
-        raise DataError(f"{url}: download failed: {e.reason}") from None
+        raise DataError(f"{where}: download failed: {shown(e.reason)}") from None
     except (OSError, HTTPException, ValueError) as e:
-        raise DataError(f"{url}: download failed: {e or type(e).__name__}") from None
+        raise DataError(f"{where}: download failed: {shown(e) or type(e).__name__}") from None
 
 
 def fetch(dataset: str = "fashion-mnist", dest: str | os.PathLike | None = None,
@@ -505,17 +586,17 @@ def fetch(dataset: str = "fashion-mnist", dest: str | os.PathLike | None = None,
     its checksum matches, so a damaged download leaves nothing behind and a concurrent
     reader never sees half a file. Files already present and verified are skipped.
     """
-    spec = _spec(dataset)
+    spec = _dataset_spec(dataset)
     dest = Path(dest) if dest is not None else cache_dir(dataset)
     base_url = base_url or os.environ.get("PARNN_MIRROR") or spec.mirror
     try:
         dest.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise DataError(f"{dest}: cannot create directory: {e.strerror or e}") from None
+        raise DataError(f"{shown(dest)}: cannot create directory: {e.strerror or e}") from None
     for role in ROLES:
         fs = spec.files[role]
         final = dest / f"{fs.name}.gz"
-        if final.is_file():
+        if path_kind(final, DataError) == "file":
             try:
                 if _check_file(final, fs)[0]:
                     continue
@@ -527,16 +608,18 @@ def fetch(dataset: str = "fashion-mnist", dest: str | os.PathLike | None = None,
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            _download(url, tmp, progress)
+            # A .gz is at most a little larger than its content (stored deflate blocks).
+            _download(url, tmp, progress, fs.size and fs.size + fs.size // 100 + 4096)
             ok, actual, expected = _check_file(tmp, fs)
             if ok is not True:
-                raise DataError(f"{final.name} from {url}: checksum mismatch: expected sha256 {expected}, "
-                                f"got {actual}; nothing was kept")
+                raise DataError(f"{final.name} from {shown(url)}: checksum mismatch: expected sha256 "
+                                f"{expected}, got {actual}; nothing was kept")
             os.replace(tmp, final)
         except DataError as e:
             # _check_file names the temp file; say which download it was instead.
-            msg = str(e).replace(str(tmp), f"{final.name} from {url}")
-            raise DataError(msg) from None
+            msg = str(e).replace(shown(tmp), f"{final.name} from {shown(url)}")
+            raise DataError(msg if "nothing was kept" in msg else f"{msg}; nothing was kept") \
+                from None
         finally:
             tmp.unlink(missing_ok=True)
     return dest

@@ -2,17 +2,30 @@
 
 Fashion-MNIST images are light clothing centred on a black background; a photo is usually the
 opposite, so by default an image whose border is lighter than its centre is inverted.
+
+Every file is checked before it is decoded: a regular file (not a FIFO or a directory); a
+picture of at most MAX_PIXELS pixels (its header is read first: a 274-byte PNG can declare
+20000x20000); a .npy array of plain numbers (no Python objects, no structured or complex
+values, and the right number of them) whose header is read before its data.
 """
 
 from __future__ import annotations
 
+import math
+import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from parnn.errors import DataError
+from parnn.paths import open_regular, path_kind, shown
 
 SIDE = 28
+# 8192 x 8192: a photo of today's cameras fits; decoding it takes at most ~200 MB (RGB).
+MAX_PIXELS = 8192 * 8192
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
 
 
 def load_images(paths, n_in=SIDE * SIDE, dtype="float32", invert="auto"):
@@ -24,41 +37,89 @@ def load_images(paths, n_in=SIDE * SIDE, dtype="float32", invert="auto"):
 
 
 def _one(path, side, invert):
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    if path.suffix.lower() == ".npy":
-        try:
-            img = np.load(path, allow_pickle=False).astype(np.float64)
-        except (ValueError, OSError) as err:
-            raise DataError(f"{path}: not a readable .npy array ({err})") from None
-        if img.size != side * side:
-            raise DataError(f"{path}: array has {img.size} values, expected {side}x{side}")
-        img = img.reshape(side, side)
-        if img.max() > 1.0:
-            img = img / 255.0
-    else:
-        img = _read_picture(path, side)
+    kind = path_kind(path, DataError)
+    if kind in (None, "dir"):
+        raise DataError(f"{shown(path)}: no such file" + (" (it is a directory)" if kind else ""))
+    with open_regular(path, DataError, "image file") as f:
+        if path.suffix.lower() == ".npy":
+            img = _read_npy(path, f, side)
+        else:
+            img = _read_picture(path, f, side)
     if not np.isfinite(img).all() or img.min() < 0 or img.max() > 1:
-        raise DataError(f"{path}: pixel values must be in 0..255 (or 0..1 for .npy)")
+        raise DataError(f"{shown(path)}: pixel values must be in 0..255 (or 0..1 for .npy)")
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).mean()
     if invert == "yes" or (invert == "auto" and border > 0.5):
         img = 1.0 - img
     return img.reshape(-1)
 
 
-def _read_picture(path, side):
+def _read_npy(path, f, side):
+    """A .npy of side*side plain numbers (bool, int, uint, float), scaled to [0, 1] if it looks
+    like 0..255. The header is checked before the data is read; nothing is unpickled."""
+    bad = f"{shown(path)}: not a readable .npy array"
+    magic = f.read(len(NPY_MAGIC))
+    if magic.startswith(ZIP_MAGIC):
+        raise DataError(f"{bad} (a zip archive, e.g. an .npz: save one array with numpy.save)")
+    if magic != NPY_MAGIC:
+        raise DataError(f"{bad} (no .npy header)")
+    f.seek(0)
+    try:
+        version = np.lib.format.read_magic(f)
+        read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                       np.lib.format.read_array_header_2_0)
+        shape, fortran, dtype = read_header(f)
+    except (ValueError, OSError, EOFError, SyntaxError, TypeError) as err:
+        raise DataError(f"{bad} ({shown(' '.join(str(err).split()))[:100]})") from None
+    if dtype.hasobject:
+        raise DataError(f"{bad} (it holds Python objects; parnn does not unpickle)")
+    if dtype.fields is not None or dtype.subdtype is not None:
+        raise DataError(f"{bad} (a structured array, dtype {shown(dtype.descr)}: parnn needs "
+                        "an array of plain numbers)")
+    if dtype.kind == "c":
+        raise DataError(f"{bad} (complex values, dtype {dtype}: pixels are real numbers)")
+    if dtype.kind not in "biuf":
+        raise DataError(f"{bad} (dtype {dtype}: parnn needs an array of plain numbers)")
+    n = math.prod(shape)
+    if n != side * side:
+        raise DataError(f"{shown(path)}: array has {n} values, expected {side}x{side}")
+    data = f.read(n * dtype.itemsize)
+    if len(data) < n * dtype.itemsize:
+        raise DataError(f"{bad} (truncated: {len(data)} of {n * dtype.itemsize} bytes)")
+    img = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
+    img = img.astype(np.float64).reshape(side, side)
+    if img.max() > 1.0:
+        img = img / 255.0
+    return img
+
+
+def _read_picture(path, f, side):
     from PIL import Image, UnidentifiedImageError
 
+    too_big = f"{shown(path)}: the image is too large for parnn"
     try:
-        with Image.open(path) as im:
-            im = im.convert("L")
-            # fit the longer side into the square, centred, like Fashion-MNIST's framing
-            im.thumbnail((side, side), Image.Resampling.LANCZOS)
-            canvas = Image.new("L", (side, side), color=_corner(im))
-            canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
-            return np.asarray(canvas, dtype=np.float64) / 255.0
-    except (UnidentifiedImageError, OSError) as err:
-        raise DataError(f"{path}: not an image parnn can read ({err.__class__.__name__})") from None
+        # Our own refusal instead of PIL's warnings (one line, not two); other PIL warnings
+        # (odd palettes, EXIF) do not stop a picture that decodes.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(f) as im:
+                w, h = im.size  # from the header: nothing is decoded yet
+                if w * h > MAX_PIXELS:
+                    raise DataError(f"{too_big}: {w}x{h} pixels, at most {MAX_PIXELS} "
+                                    "(8192x8192): scale it down first")
+                im = im.convert("L")
+                # fit the longer side into the square, centred, like Fashion-MNIST's framing
+                im.thumbnail((side, side), Image.Resampling.LANCZOS)
+                canvas = Image.new("L", (side, side), color=_corner(im))
+                canvas.paste(im, ((side - im.width) // 2, (side - im.height) // 2))
+                return np.asarray(canvas, dtype=np.float64) / 255.0
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+        raise DataError(f"{too_big}: more than {MAX_PIXELS} pixels (8192x8192): scale it "
+                        "down first") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError,
+            struct.error) as err:
+        raise DataError(f"{shown(path)}: not an image parnn can read "
+                        f"({err.__class__.__name__})") from None
 
 
 def _corner(im):

@@ -1,22 +1,33 @@
 """Files: atomic writes, and model / ensemble / checkpoint files in safetensors.
 
+Files are opened with parnn.paths.open_regular (regular files only, one-line errors).
+
 Atomic writes: every file goes to a temp file in the target's directory, is fsynced, then
 os.replace()d onto the target and the directory is fsynced. A crash or an exception leaves
-either the old file or the new one, never half of one, and no temp file behind.
+either the old file or the new one, never half of one, and no temp file behind. A target whose
+owner write bit is clear (chmod 444) is not replaced: PermissionError, nothing written.
 
 Model files are safetensors (tensors + a str->str header; no pickle, so loading a file cannot
 run code). The header holds one key, "parnn", whose value is a JSON document:
 
-    {"format": 1, "kind": "model" | "ensemble" | "checkpoint", "writer": "parnn 0.1.0",
+    {"format": 2, "kind": "model" | "ensemble" | "checkpoint", "writer": "parnn 0.1.0",
      "spec": {...Spec.to_dict()...},          # model and ensemble
      "meta": {...whatever the caller gave...},
-     "params_sha256": "<hex>",                # model: SHA-256 of the little-endian params
+     "params_sha256": "<hex>",                # model: params_sha256(params)
      "members_sha256": ["<hex>", ...],        # ensemble: one per member
      "sha256": "<hex>",                       # checkpoint: see _arrays_sha256
      "header_sha256": "<hex>"}                # all of the above (every key but this one)
 
-The header checksum makes a damaged spec, meta or class name as detectable as damaged
-parameters; files written before it existed have none and are read without it.
+The checksums detect damage (a flipped bit, a truncated copy, an edited spec); they are no
+signature: whoever can rewrite a file can rewrite its checksums too.
+
+Format 2 requires header_sha256. Format 1 files that have one load as before; format 1 files
+without one (written before it existed) are refused, since their spec and class names cannot be
+checked, and `python -m parnn.io upgrade FILE` re-saves a trusted one in format 2.
+
+Reading checks the file's size against what the safetensors header declares, and the tensors'
+dtypes and shapes against the parnn spec, before any tensor is read; then each tensor is read
+straight into its own array, so a file is never held in memory twice.
 
 Tensors: a model stores its flat buffer as "params"; an ensemble stores "member0.params",
 "member1.params", ... and ONE spec shared by all members (members of an ensemble are trained
@@ -27,23 +38,30 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import hashlib
 import json
+import math
 import os
+import shlex
+import sys
 import tempfile
 from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
-import safetensors
 import safetensors.numpy
 
 from parnn import __version__
-from parnn.errors import ConfigError, ModelFileError
+from parnn.errors import ConfigError, ModelFileError, ParnnError
 from parnn.core.model import MLP, Spec
+# check_output_dir and shown are also used as io's (the CLI, distributed and bench call them so).
+from parnn.paths import check_output_dir, open_regular, read_fully, read_only, shown  # noqa: F401
 
-FORMAT = 1
+FORMAT = 2  # 2: header_sha256 is required (format 1 files may lack it)
 META_KEY = "parnn"
+UPGRADE = "python -m parnn.io upgrade"
+MAX_HEADER = 100_000_000  # bytes of safetensors JSON header; the safetensors library's own limit
 
 # mkstemp creates files 0600; finished files should get the usual 0666 & ~umask like open()
 # would. The umask can only be read by setting it, so do that once, at import time.
@@ -60,6 +78,10 @@ def atomic_open(path, mode="w", encoding="utf-8", newline=None):
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        if read_only(os.stat(path)):
+            raise PermissionError(errno.EACCES, f"{shown(path.name)} is read-only: not "
+                                  "replaced (chmod u+w lets parnn replace it)", str(path))
     directory = path.absolute().parent
     directory.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
@@ -130,8 +152,10 @@ def atomic_write_csv(path, rows: list[dict], fieldnames=None):
 
 # --- checksums -----------------------------------------------------------------------------
 
-def _sha256(a):
-    """SHA-256 of an array's bytes, little-endian (the order safetensors stores)."""
+def params_sha256(a) -> str:
+    """SHA-256 of an array's bytes in little-endian C order (the order safetensors stores), so
+    equal parameters give equal digests on every machine: the one parameter digest of parnn."""
+    a = np.asarray(a)
     a = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")
     return hashlib.sha256(a.data).hexdigest()
 
@@ -148,12 +172,12 @@ def _arrays_sha256(arrays):
     return h.hexdigest()
 
 
-# --- writing -------------------------------------------------------------------------------
-
 def _header_sha256(header):
     return hashlib.sha256(_dumps({k: v for k, v in header.items()
                                   if k != "header_sha256"}).encode()).hexdigest()
 
+
+# --- writing -------------------------------------------------------------------------------
 
 def _write(path, tensors, header):
     # Hash the header as a reader will see it (JSON round trip: tuples become lists, NumPy
@@ -166,11 +190,23 @@ def _write(path, tensors, header):
     atomic_write_bytes(path, data)
 
 
+def _printable_class_names(meta):
+    """A control character in a class name would reach the terminal as is when printed."""
+    names = meta.get("class_names") if isinstance(meta, dict) else None
+    if isinstance(names, (list, tuple)):
+        for i, name in enumerate(names):
+            if isinstance(name, str) and not name.isprintable():
+                return f"class name {i} ({shown(name)}) contains a control character"
+    return None
+
+
 def save_model(path, net: MLP, meta: dict):
     """One network: its flat buffer as tensor "params", spec + meta + checksum in the header."""
+    if problem := _printable_class_names(meta):
+        raise ValueError(problem)
     _write(path, {"params": net.params},
            {"kind": "model", "spec": net.spec.to_dict(), "meta": meta,
-            "params_sha256": _sha256(net.params)})
+            "params_sha256": params_sha256(net.params)})
 
 
 def save_ensemble(path, nets: list[MLP], meta: dict):
@@ -180,9 +216,11 @@ def save_ensemble(path, nets: list[MLP], meta: dict):
     spec = nets[0].spec
     if any(n.spec != spec for n in nets):
         raise ValueError("all members of an ensemble must share one spec")
+    if problem := _printable_class_names(meta):
+        raise ValueError(problem)
     _write(path, {f"member{i}.params": n.params for i, n in enumerate(nets)},
            {"kind": "ensemble", "spec": spec.to_dict(), "meta": meta,
-            "members_sha256": [_sha256(n.params) for n in nets]})
+            "members_sha256": [params_sha256(n.params) for n in nets]})
 
 
 def save_checkpoint(path, arrays: dict[str, np.ndarray], meta: dict):
@@ -190,61 +228,134 @@ def save_checkpoint(path, arrays: dict[str, np.ndarray], meta: dict):
     _write(path, arrays, {"kind": "checkpoint", "meta": meta, "sha256": _arrays_sha256(arrays)})
 
 
-# --- reading -------------------------------------------------------------------------------
+# --- reading: the safetensors container ----------------------------------------------------
 
-def _read(path):
-    """(tensors, header) of a parnn safetensors file, or ModelFileError. Tensors are copies."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            head = f.read(8)
-            # safetensors starts with the header length (u64 LE). Check it against the file
-            # size first: on garbage it is a random huge number.
-            if len(head) < 8:
-                raise ModelFileError(f"{path}: not a model file (only {size} bytes)")
-            n = int.from_bytes(head, "little")
-            if n > size - 8:
-                raise ModelFileError(f"{path}: not a safetensors file or truncated "
-                                     f"(header length {n} but the file has {size} bytes)")
-            data = head + f.read()
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise ModelFileError(f"{path}: is a directory, not a model file") from None
-    except OSError as e:
-        raise ModelFileError(f"{path}: cannot read: {e.strerror or e}") from None
-    try:
-        tensors = safetensors.numpy.load(data)
-        # safetensors validated the header; its metadata is not exposed for bytes, so read it.
-        meta = json.loads(data[8:8 + n]).get("__metadata__") or {}
-    except (safetensors.SafetensorError, ValueError, TypeError, OSError) as e:
-        raise ModelFileError(f"{path}: not a valid safetensors file ({_one_line(e)})") from None
-    if META_KEY not in meta:
-        raise ModelFileError(f"{path}: a safetensors file but not a parnn one "
-                             f"(no '{META_KEY}' metadata)")
-    try:
-        header = json.loads(meta[META_KEY])
-    except ValueError:
-        raise ModelFileError(f"{path}: the '{META_KEY}' metadata is not valid JSON") from None
-    if not isinstance(header, dict):
-        raise ModelFileError(f"{path}: the '{META_KEY}' metadata is not a JSON object")
-    fmt = header.get("format")
-    if type(fmt) is not int or fmt < 1:
-        raise ModelFileError(f"{path}: unknown file format {fmt!r}")
-    if fmt > FORMAT:
-        raise ModelFileError(f"{path}: written by a newer parnn (format {fmt}); "
-                             f"this version reads format {FORMAT}")
-    # Files written before the header checksum existed have none; any file that has one must match.
-    if "header_sha256" in header and header["header_sha256"] != _header_sha256(header):
-        raise ModelFileError(f"{path}: the header does not match its checksum: "
-                             "the file is damaged or was modified")
-    if not isinstance(header.get("meta", {}), dict):
-        raise ModelFileError(f"{path}: 'meta' in the metadata is not a JSON object")
-    return {k: v.copy() for k, v in tensors.items()}, header
+# safetensors dtype names; tensors are little-endian. (BF16 and the F8 kinds have no NumPy type.)
+_DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "I16": "<i2",
+           "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?"}
 
 
 def _one_line(e):
     return " ".join(str(e).split())
+
+
+def _no_duplicate_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError("duplicate keys")
+    return dict(pairs)
+
+
+def _index(path, f, size):
+    """The safetensors header: ({name: (dtype, shape, begin)}, {metadata}), after checking that
+    the tensors it declares tile the rest of the file exactly: nothing past the header is read."""
+    head = f.read(8)
+    if len(head) < 8:
+        raise ModelFileError(f"{shown(path)}: not a model file (only {size} bytes)")
+    # The header length (u64 LE) comes first: on garbage it is a random huge number.
+    n = int.from_bytes(head, "little")
+    if n > size - 8:
+        raise ModelFileError(f"{shown(path)}: not a safetensors file or truncated "
+                             f"(header length {n} but the file has {size} bytes)")
+    bad = f"{shown(path)}: not a valid safetensors file"
+    if n > MAX_HEADER:
+        raise ModelFileError(f"{bad} (a header of {n} bytes)")
+    try:
+        doc = json.loads(f.read(n), object_pairs_hook=_no_duplicate_keys)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ModelFileError(f"{bad} (the header is not JSON: {_one_line(e)[:80]})") from None
+    if not isinstance(doc, dict):
+        raise ModelFileError(f"{bad} (the header is not a JSON object)")
+    metadata = doc.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ModelFileError(f"{bad} (__metadata__ is not a map of strings)")
+    index, spans = {}, []
+    for name, t in doc.items():
+        ok = (isinstance(t, dict) and set(t) == {"dtype", "shape", "data_offsets"}
+              and isinstance(t["dtype"], str) and t["dtype"] in _DTYPES and isinstance(t["shape"], list)
+              and all(type(d) is int and d >= 0 for d in t["shape"])
+              and isinstance(t["data_offsets"], list) and len(t["data_offsets"]) == 2
+              and all(type(o) is int and o >= 0 for o in t["data_offsets"]))
+        if not ok:
+            raise ModelFileError(f"{bad} (tensor {shown(name)!r}: malformed entry)")
+        dtype, (begin, end) = np.dtype(_DTYPES[t["dtype"]]), t["data_offsets"]
+        if end - begin != math.prod(t["shape"]) * dtype.itemsize:
+            raise ModelFileError(f"{bad} (tensor {shown(name)!r}: {end - begin} bytes for shape "
+                                 f"{t['shape']} of {t['dtype']})")
+        index[name] = (dtype, tuple(t["shape"]), begin)
+        spans.append((begin, end))
+    total = 0
+    for begin, end in sorted(spans):
+        if begin != total:
+            raise ModelFileError(f"{bad} (tensors overlap or leave gaps)")
+        total = end
+    have = size - 8 - n
+    if have < total:
+        raise ModelFileError(f"{shown(path)}: truncated: the header declares {total} bytes of "
+                             f"tensors but {have} follow it")
+    if have > total:
+        raise ModelFileError(f"{bad} ({have - total} bytes after the last tensor)")
+    return index, metadata
+
+
+def _tensors(path, f, index):
+    """Each tensor read into its own new array, in file order (the index was checked)."""
+    out = {}
+    for name, (dtype, shape, _) in sorted(index.items(), key=lambda kv: kv[1][2]):
+        a = np.empty(shape, dtype)
+        if read_fully(f, a.reshape(-1).view(np.uint8)) != a.nbytes:
+            raise ModelFileError(f"{shown(path)}: truncated while reading tensor {shown(name)!r}")
+        out[name] = a.astype(dtype.newbyteorder("="), copy=False)
+    return out
+
+
+# --- reading: parnn's header ---------------------------------------------------------------
+
+def _read(path, check=None, legacy=False):
+    """(tensors, header) of a parnn safetensors file, or ModelFileError. check(header, index)
+    runs before any tensor is read. legacy: accept a format 1 file without a header checksum."""
+    with open_regular(path, ModelFileError, "model file") as f:
+        try:
+            index, metadata = _index(path, f, os.fstat(f.fileno()).st_size)
+            header = _header(path, metadata, legacy)
+            if check is not None:
+                check(header, index)
+            return _tensors(path, f, index), header
+        except OSError as e:
+            raise ModelFileError(f"{shown(path)}: cannot read: {e.strerror or e}") from None
+
+
+def _header(path, metadata, legacy):
+    if META_KEY not in metadata:
+        raise ModelFileError(f"{shown(path)}: a safetensors file but not a parnn one "
+                             f"(no '{META_KEY}' metadata)")
+    try:
+        header = json.loads(metadata[META_KEY])
+    except (ValueError, RecursionError):
+        raise ModelFileError(f"{shown(path)}: the '{META_KEY}' metadata is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise ModelFileError(f"{shown(path)}: the '{META_KEY}' metadata is not a JSON object")
+    fmt = header.get("format")
+    if type(fmt) is not int or fmt < 1:
+        raise ModelFileError(f"{shown(path)}: unknown file format {fmt!r}")
+    if fmt > FORMAT:
+        raise ModelFileError(f"{shown(path)}: written by a newer parnn (format {fmt}); "
+                             f"this version reads format {FORMAT}")
+    if "header_sha256" not in header:
+        if fmt >= 2:
+            raise ModelFileError(f"{shown(path)}: the header has no checksum: the file is "
+                                 "damaged or was modified")
+        if not legacy:
+            raise ModelFileError(
+                f"{shown(path)}: written by an older parnn (format 1) without a header checksum, "
+                "so its spec and class names cannot be checked; if you trust this file, re-save "
+                f"it in format {FORMAT} with `{UPGRADE} {shlex.quote(shown(path))}`")
+    elif header["header_sha256"] != _header_sha256(header):
+        raise ModelFileError(f"{shown(path)}: the header does not match its checksum: "
+                             "the file is damaged or was modified")
+    if not isinstance(header.get("meta", {}), dict):
+        raise ModelFileError(f"{shown(path)}: 'meta' in the metadata is not a JSON object")
+    return header
 
 
 def _kind(path, header, *allowed):
@@ -253,100 +364,151 @@ def _kind(path, header, *allowed):
         return kind
     if kind == "ensemble" and "model" in allowed:
         k = len(header.get("members_sha256") or [])
-        raise ModelFileError(f"{path}: an ensemble of {k} model{'s' * (k != 1)}, not a single model; "
-                             "load it with parnn.io.load_any (`parnn evaluate` handles both)")
-    raise ModelFileError(f"{path}: a parnn {kind!r} file, expected {' or '.join(allowed)}")
+        raise ModelFileError(f"{shown(path)}: an ensemble of {k} model{'s' * (k != 1)}, not a "
+                             "single model; load it with parnn.io.load_any (`parnn evaluate` "
+                             "handles both)")
+    raise ModelFileError(f"{shown(path)}: a parnn {shown(repr(kind))} file, expected "
+                         f"{' or '.join(allowed)}")
 
 
-def _spec(path, header):
-    d = header.get("spec")
+def network_spec(path, d) -> Spec:
+    """The network Spec stored as dict d (a model's header["spec"], a checkpoint's
+    meta["spec"]), or ModelFileError naming path. Every field must be present."""
     names = {f.name for f in fields(Spec)}
-    # Every field must be present: a missing one would silently take Spec's default.
+    # A missing field would silently take Spec's default.
     if not isinstance(d, dict) or set(d) != names:
-        raise ModelFileError(f"{path}: the network spec is missing or malformed "
+        raise ModelFileError(f"{shown(path)}: the network spec is missing or malformed "
                              f"(expected fields {', '.join(sorted(names))})")
     if not isinstance(d["sizes"], list) or any(type(s) is not int for s in d["sizes"]):
-        raise ModelFileError(f"{path}: invalid network spec: sizes must be a list of integers")
+        raise ModelFileError(f"{shown(path)}: invalid network spec: sizes must be a list of "
+                             "integers")
     try:
         return Spec(**d)
     except ConfigError as e:
-        raise ModelFileError(f"{path}: invalid network spec: {e}") from None
+        raise ModelFileError(f"{shown(path)}: invalid network spec: {shown(e)}") from None
 
 
-def _params(path, tensors, name, spec, sha, what="parameters"):
-    """Check one flat buffer against the spec and its checksum; return it."""
-    if name not in tensors:
-        raise ModelFileError(f"{path}: tensor '{name}' is missing")
-    p = tensors[name]
-    if p.dtype != np.dtype(spec.dtype):
-        raise ModelFileError(f"{path}: tensor '{name}' is {p.dtype}, the spec says {spec.dtype}")
-    if p.shape != (spec.n_params,):
-        raise ModelFileError(f"{path}: tensor '{name}' has shape {p.shape}, the spec needs "
-                             f"({spec.n_params},)")
-    if not isinstance(sha, str) or _sha256(p) != sha:
-        raise ModelFileError(f"{path}: {what} do not match their checksum: "
+def _spec(path, header):
+    # The old name, until run/checkpoint.py calls network_spec(path, meta["spec"]).
+    return network_spec(path, header.get("spec"))
+
+
+def _expect(path, index, names, spec):
+    """Before reading: each flat buffer in names is there with the spec's dtype and shape, and
+    nothing else is."""
+    for name in names:
+        if name not in index:
+            raise ModelFileError(f"{shown(path)}: tensor '{name}' is missing")
+        dtype, shape, _ = index[name]
+        if dtype != np.dtype(spec.dtype):
+            raise ModelFileError(f"{shown(path)}: tensor '{name}' is {dtype.name}, the spec says "
+                                 f"{spec.dtype}")
+        if shape != (spec.n_params,):
+            raise ModelFileError(f"{shown(path)}: tensor '{name}' has shape {shape}, the spec "
+                                 f"needs ({spec.n_params},)")
+    extra = sorted(set(index) - set(names))
+    if extra:
+        raise ModelFileError(f"{shown(path)}: unexpected tensors "
+                             f"{', '.join(shown(x) for x in extra)}")
+
+
+def _params(path, p, sha, what="parameters"):
+    """A flat buffer against its checksum, then finite."""
+    if not isinstance(sha, str) or params_sha256(p) != sha:
+        raise ModelFileError(f"{shown(path)}: {what} do not match their checksum: "
                              "the file is damaged or was modified")
     if not np.isfinite(p).all():
-        raise ModelFileError(f"{path}: {what} contain NaN or infinity")
+        raise ModelFileError(f"{shown(path)}: {what} contain NaN or infinity")
     return p
 
 
-def _no_extra(path, tensors, expected):
-    extra = sorted(set(tensors) - set(expected))
-    if extra:
-        raise ModelFileError(f"{path}: unexpected tensors {', '.join(extra)}")
+def _members(header):
+    shas = header.get("members_sha256")
+    return shas if isinstance(shas, list) else []
 
 
-def _model_from(path, tensors, header):
-    spec = _spec(path, header)
-    params = _params(path, tensors, "params", spec, header.get("params_sha256"))
-    _no_extra(path, tensors, ["params"])
-    return MLP(spec, params), header.get("meta", {})
+def _load(path, allowed, legacy=False):
+    """(kind, networks or arrays, meta) of a file of one of the allowed kinds, checked."""
+    found = {}
+
+    def check(header, index):
+        kind = found["kind"] = _kind(path, header, *allowed)
+        if kind == "checkpoint":
+            return
+        spec = found["spec"] = network_spec(path, header.get("spec"))
+        if kind == "ensemble" and not _members(header):
+            raise ModelFileError(f"{shown(path)}: ensemble metadata lists no members")
+        names = ["params"] if kind == "model" else \
+            [f"member{i}.params" for i in range(len(_members(header)))]
+        _expect(path, index, names, spec)
+        if problem := _printable_class_names(header.get("meta", {})):
+            raise ModelFileError(f"{shown(path)}: {problem}: the file is damaged or was modified")
+
+    tensors, header = _read(path, check, legacy)
+    kind, meta = found["kind"], header.get("meta", {})
+    if kind == "checkpoint":
+        if _arrays_sha256(tensors) != header.get("sha256"):
+            raise ModelFileError(f"{shown(path)}: arrays do not match their checksum: "
+                                 "the file is damaged or was modified")
+        return kind, tensors, meta
+    if kind == "model":
+        nets = [MLP(found["spec"], _params(path, tensors["params"], header.get("params_sha256")))]
+    else:
+        nets = [MLP(found["spec"], _params(path, tensors[f"member{i}.params"], sha,
+                                           f"member {i}'s parameters"))
+                for i, sha in enumerate(_members(header))]
+    return kind, nets, meta
 
 
 def load_model(path) -> tuple[MLP, dict]:
     """(network, the meta given to save_model). ModelFileError on anything wrong."""
-    tensors, header = _read(path)
-    _kind(path, header, "model")
-    return _model_from(path, tensors, header)
+    _, nets, meta = _load(path, ("model",))
+    return nets[0], meta
 
 
 def load_any(path) -> tuple[list[MLP], dict]:
     """A model file as a 1-element list, or every member of an ensemble file."""
-    tensors, header = _read(path)
-    if _kind(path, header, "model", "ensemble") == "model":
-        net, meta = _model_from(path, tensors, header)
-        return [net], meta
-    spec = _spec(path, header)
-    shas = header.get("members_sha256")
-    if not isinstance(shas, list) or not shas:
-        raise ModelFileError(f"{path}: ensemble metadata lists no members")
-    names = [f"member{i}.params" for i in range(len(shas))]
-    nets = [MLP(spec, _params(path, tensors, name, spec, sha, f"member {i}'s parameters"))
-            for i, (name, sha) in enumerate(zip(names, shas))]
-    _no_extra(path, tensors, names)
-    return nets, header.get("meta", {})
+    _, nets, meta = _load(path, ("model", "ensemble"))
+    return nets, meta
 
 
 def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     """(arrays, meta) as given to save_checkpoint, after checking the checksum. Values are not
     checked for NaN here: the arrays are generic, the caller knows what they mean."""
-    tensors, header = _read(path)
-    _kind(path, header, "checkpoint")
-    if _arrays_sha256(tensors) != header.get("sha256"):
-        raise ModelFileError(f"{path}: arrays do not match their checksum: "
-                             "the file is damaged or was modified")
-    return tensors, header.get("meta", {})
+    _, arrays, meta = _load(path, ("checkpoint",))
+    return arrays, meta
 
 
-def check_output_dir(path, flag):
-    """Refuse up front, before any work, an output directory that cannot be made or written."""
-    p = Path(path).absolute()
-    q = p
-    while not q.exists():  # the nearest existing ancestor is where it would be created
-        q = q.parent
-    if not q.is_dir():
-        where = "is a file" if q == p else f"cannot be created: {q} is a file"
-        raise ConfigError(f"{flag} {path}: {where}, not a directory")
-    if not os.access(q, os.W_OK | os.X_OK):
-        raise ConfigError(f"{flag} {path}: {q} is not writable")
+def upgrade(path) -> str:
+    """Re-save a model, ensemble or checkpoint file in the current format, after every check
+    but the header checksum that format 1 files may lack. Only for files you trust: without
+    that checksum nobody can tell whether the spec or the class names were edited."""
+    kind, content, meta = _load(path, ("model", "ensemble", "checkpoint"), legacy=True)
+    if kind == "model":
+        save_model(path, content[0], meta)
+    elif kind == "ensemble":
+        save_ensemble(path, content, meta)
+    else:
+        save_checkpoint(path, content, meta)
+    return kind
+
+
+def _main(argv):
+    """python -m parnn.io upgrade FILE...: see upgrade()."""
+    if len(argv) < 2 or argv[0] != "upgrade":
+        print("usage: python -m parnn.io upgrade FILE...", file=sys.stderr)
+        return 2
+    for path in argv[1:]:
+        try:
+            kind = upgrade(path)
+        except (ParnnError, OSError, ValueError) as e:
+            detail = e.strerror if isinstance(e, OSError) and e.strerror else e
+            print(f"parnn: error: {shown(path) + ': ' if isinstance(e, OSError) else ''}"
+                  f"{shown(detail)}", file=sys.stderr)
+            return 2
+        print(f"{shown(path)}: {kind} re-saved in format {FORMAT}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
