@@ -11,10 +11,12 @@ import synthetic_data
 import pytest
 
 from parnn import io
-from parnn.run import checkpoint, train
+from parnn.core.model import MLP, Spec
+from parnn.engines import make_engine
+from parnn.run import checkpoint, session, train
 from parnn.run.checkpoint import NEWEST, PREVIOUS
-from parnn.data import FASHION_CLASSES, Dataset
-from parnn.errors import DivergenceError, ModelFileError
+from parnn.run.config import make_config
+from parnn.errors import ConfigError, DivergenceError, ModelFileError
 from synthetic_data import parnn, popen, write_dataset
 
 QUIET = dict(progress=False, log=lambda *a: None)
@@ -49,9 +51,9 @@ class Recorder(checkpoint.Checkpointer):
 
 def config(optimizer="adam", batch=16, epochs=3, **kw):
     lr = {"adam": 1e-3, "momentum": 0.01, "sgd": 0.1}[optimizer]
-    return train.make_config("modern", optimizer=optimizer, batch_size=batch, epochs=epochs,
-                             lr=lr, hidden=(16,), engine="numpy", threads=1, dtype="float64",
-                             **kw)
+    return make_config("modern", optimizer=optimizer, batch_size=batch, epochs=epochs,
+                       lr=lr, hidden=(16,), engine="numpy", threads=1, dtype="float64",
+                       **kw)
 
 
 # --- resuming in-process from every checkpoint -----------------------------------------------
@@ -88,7 +90,7 @@ def test_training_reads_the_dataset_in_place(monkeypatch):
     """Memory: the dataset is held once; epochs shuffle an index order, they copy no data."""
     ds = blobs()
     ds.X_train = ds.X_train.astype(np.float64)  # the model's dtype, as load_dataset gives it
-    engine, seen = train.make_engine("numpy"), []
+    engine, seen = make_engine("numpy"), []
     real = engine.train
     monkeypatch.setattr(engine, "train", lambda net, opt, X, T, order, bs:
                         (seen.append((X, T)), real(net, opt, X, T, order, bs))[1])
@@ -125,7 +127,7 @@ def test_a_fresh_run_still_shuffles_with_the_seed_plus_1_stream(tmp_path, monkey
     """Checkpointing must not change what a run computes: epoch e trains on the e-th
     permutation of default_rng(seed + 1), as before resuming existed."""
     ds, cfg = blobs(), config(epochs=2)
-    engine, seen = train.make_engine("numpy"), []
+    engine, seen = make_engine("numpy"), []
     real = engine.train
     monkeypatch.setattr(engine, "train", lambda net, opt, X, T, order, bs:
                         (seen.append(order.copy()), real(net, opt, X, T, order, bs))[1])
@@ -193,7 +195,7 @@ def test_both_damaged_is_a_clean_error_naming_both(run_dir):
 
 
 def test_a_model_file_is_not_a_checkpoint(tmp_path):
-    net = train.MLP(train.Spec((784, 4, 10)), seed=0)
+    net = MLP(Spec((784, 4, 10)), seed=0)
     io.save_model(tmp_path / NEWEST, net, {})
     with pytest.raises(ModelFileError, match="expected checkpoint"):
         checkpoint.load(tmp_path)
@@ -209,6 +211,42 @@ def test_checkpoint_meta_is_checked(tmp_path, run_dir):
     io.save_checkpoint(tmp_path / "y.safetensors", {**arrays, "optimizer.m": arrays["params"][:3]}, meta)
     with pytest.raises(ModelFileError, match="optimizer state"):
         checkpoint.read(tmp_path / "y.safetensors")
+
+
+
+@pytest.mark.parametrize("setting,value,words", [("epochs", 2.0, "epochs must be an integer >= 1"),
+                                                 ("hidden", [16, True], "hidden layer sizes"),
+                                                 ("lr", "0.001", "learning rate must be a number"),
+                                                 ("engine", "gpu", "unknown engine 'gpu'")])
+def test_the_saved_settings_pass_the_same_constraints_as_new_ones(tmp_path, run_dir, setting,
+                                                                  value, words):
+    arrays, meta = io.load_checkpoint(run_dir / NEWEST)
+    io.save_checkpoint(tmp_path / NEWEST, arrays,
+                       {**meta, "config": {**meta["config"], setting: value}})
+    with pytest.raises(ModelFileError, match=words):
+        checkpoint.read(tmp_path / NEWEST)
+
+
+# --- the resume policy (run/resume.py) ------------------------------------------------------------
+
+def test_only_a_checkpoint_that_records_its_data_can_be_resumed(run_dir):
+    """fit's own checkpoints (no run record) carry on in Python, not through `parnn train`."""
+    with pytest.raises(ModelFileError, match="does not record its data and output directory"):
+        session.resume(run_dir, session.RunOptions(), {})
+
+
+def test_a_resumed_run_keeps_the_checkpoints_arithmetic_and_may_change_the_rest(run_dir):
+    from parnn.run.resume import RunRecord, resumed_config
+
+    ck = checkpoint.load(run_dir)
+    record = RunRecord("fashion-mnist", "/d", {}, None, None, "/o", None)
+    cfg = resumed_config(ck, record, {"lr": ck.config.lr, "epochs": 5, "threads": 1})
+    assert cfg == dataclasses.replace(ck.config, epochs=5, threads=1, engine=ck.engine)
+    with pytest.raises(ConfigError, match=r"--lr 0\.5 \(it has 0\.001\); --limit-train 9 "
+                                          r"\(it has none\): drop those flags"):
+        resumed_config(ck, record, {"lr": 0.5, "limit_train": 9})
+    with pytest.raises(ConfigError, match="--epochs 1 is fewer than the 2 epoch"):
+        resumed_config(ck, record, {"epochs": 1})
 
 
 # --- divergence --------------------------------------------------------------------------------

@@ -104,7 +104,16 @@ BAD = [
     (T + ["--hidden", "16,x"], "comma-separated integers"),
     (T + ["--threads", "0"], "threads must be >= 1"),
     (T + ["--batch-size", "0"], "batch size must be"),
-    (T + ["--batch-size", "301"], "larger than the training set (300 samples)"),
+    (T + ["--batch-size", "271"], "larger than the training set (270 samples after 30 set aside "
+                                  "for validation)"),
+    (T + ["--batch-size", "301", "--validation-split", "0"], "larger than the training set (300 "
+                                                           "samples)"),
+    (T + ["--validation-split", "1"], "validation split must be a number in [0, 1), got 1.0"),
+    (T + ["--validation-split", "-0.1"], "validation split must be a number in [0, 1)"),
+    (T + ["--early-stopping", "0"], "early-stopping patience must be an integer >= 1"),
+    (T + ["--validation-split", "0", "--early-stopping", "2"], "there is no validation set"),
+    (["train", "--data", "{w}/data", "--out", "{w}/run", "--distributed", "ensemble",
+      "--early-stopping", "2"], "do not work with --distributed yet"),
     (T + ["--batch-size", "lots"], "an integer or 'full'"),
     (T + ["--engine", "gpu"], "choose one of numpy"),
     (T + ["--preset", "fast"], "invalid choice"),
@@ -119,6 +128,9 @@ BAD = [
     (T + ["--limit-test", "-5"], "--limit-test must be >= 1"),
     (T + ["--epochs", "0"], "epochs must be >= 1"),
     (T + ["--shards", "bootstrap"], "--shards only applies to --distributed ensemble"),
+    (["train", "--data", "{w}/data", "--out", "{w}/run", "--distributed", "allreduce", "--shards",
+      "bootstrap"], "--shards only applies to --distributed ensemble"),
+    (T + ["--distributed", "ensemble"], "--checkpoint-every do not work with --distributed"),
     (T + ["--lr-schedule", "step"], "constant, cosine"),
     (T + ["--seed", "-1"], "seed must be an integer >= 0"),
     (T + ["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
@@ -188,10 +200,6 @@ def ids(case):
     return " ".join(args).replace("{w}/", "")[:60]
 
 
-def test_the_catalogue_is_big_enough():
-    assert len(BAD) >= 30 and sum("@" in c[0] for c in BAD) >= 8
-
-
 def run_in_process(args, capsys):
     try:
         status = cli.main(args)
@@ -222,7 +230,7 @@ def test_bad_input_is_one_clean_line(case, ws, capsys, monkeypatch):
     assert snapshot(ws) == before, "a failed command changed or created files"
 
 
-# --- good paths ------------------------------------------------------------------------------------
+# --- good paths -----------------------------------------------------------------------------------
 
 def test_version():
     r = parnn("--version")
@@ -317,3 +325,124 @@ def test_no_pickle_anywhere_in_parnn():
         assert not re.search(r"^\s*(import|from)\s+(c?pickle|dill|joblib)\b", text, re.M), path
         assert "allow_pickle=True" not in text, path
         assert "torch.load" not in text, path
+
+
+# --- settings, validation, early stopping, the live history ---------------------------------------
+
+def test_train_help_groups_the_flags_and_shows_each_presets_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    raw = capsys.readouterr().out
+    for group in ("model", "training", "data", "output", "distributed"):
+        assert f"\n{group}:" in raw, group
+    out = " ".join(raw.split())   # argparse wraps lines where it likes
+    assert "learning rate (paper: 0.01; modern: 0.001)" in out
+    assert "(paper: 0.0; modern: 0.1)" in out                       # --validation-split
+    assert "hidden layer sizes (every preset: 256,128)" in out
+    assert "owner" in out and "--test-every-epoch" in out
+
+
+@pytest.mark.parametrize("args,shown", [
+    (["--preset", "modern"], {"preset": "modern", "validation-split": "0.1",
+                              "early-stopping": "off", "epochs": "15", "hidden": "256,128"}),
+    (["--preset", "paper"], {"preset": "paper", "validation-split": "0.0", "batch-size": "1"}),
+    (["--lr", "0.5", "--early-stopping", "3", "--hidden", "64,32"],
+     {"preset": "modern", "lr": "0.5", "early-stopping": "3", "hidden": "64,32"}),
+])
+def test_show_config_prints_the_resolved_settings_and_trains_nothing(args, shown, tmp_path,
+                                                                     monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", *args, "--show-config"]) in (0, None)
+    out = capsys.readouterr().out
+    settings = dict(line.split(None, 1) for line in out.splitlines())
+    assert {k: settings[k] for k in shown} == shown
+    assert len(settings) == 18 and not list(tmp_path.iterdir())
+
+
+def test_show_config_of_a_resumed_run_is_the_checkpoints(ws, capsys):
+    assert cli.main(["train", "--resume", str(ws / "run"), "--epochs", "4", "--show-config"]) \
+        in (0, None)
+    settings = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert (settings["hidden"], settings["epochs"], settings["batch-size"]) == ("16", "4", "32")
+
+
+EARLY = ["--hidden", "16", "--lr", "0.01", "--lr-schedule", "constant", "--batch-size", "8",
+         "--engine", "numpy", "--threads", "1", "--no-progress", "--validation-split", "0.2"]
+
+
+def read_csv(path):
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_validation_and_early_stopping_from_the_command_line(ws, tmp_path):
+    r = parnn("train", "--data", ws / "data", "--out", tmp_path, *EARLY, "--epochs", "12",
+              "--early-stopping", "1")
+    assert r.returncode == 0, r.stderr
+    epochs = [line for line in r.stdout.splitlines() if line.startswith("epoch ")]
+    assert epochs and all("val_loss" in line and "val_acc" in line for line in epochs)
+    assert not any("test_acc" in line for line in epochs)       # the test set waits for the end
+    model = parnn_load(tmp_path / "model.safetensors")
+    history, best = model.meta["history"], model.meta["best_epoch"]
+    assert len(history) == best + 1 < 12                        # stopped: patience 1
+    assert best == 1 + int(np.argmin([row["val_loss"] for row in history]))
+    assert f"early stopping: no lower validation loss in the 1 epochs after epoch {best}" \
+        in r.stdout
+    assert f"after {best + 1} epoch(s) (early stopping: the weights of epoch {best})" in r.stdout
+    rows = read_csv(tmp_path / "history.csv")
+    assert list(rows[0]) == ["epoch", "loss", "train_acc", "val_loss", "val_acc", "test_acc",
+                             "seconds", "samples_per_s"]
+    assert [row["test_acc"] != "" for row in rows] == [e == best for e in range(1, best + 2)]
+    assert float(rows[best - 1]["test_acc"]) == model.meta["test_acc"]
+
+
+def test_test_every_epoch_scores_the_test_set_after_each(ws, tmp_path):
+    r = parnn("train", "--data", ws / "data", "--out", tmp_path, *EARLY, "--epochs", "2",
+              "--test-every-epoch")
+    assert r.returncode == 0, r.stderr
+    assert all("test_acc" in row for row in parnn_load(tmp_path / "model.safetensors").history)
+    assert all(row["test_acc"] for row in read_csv(tmp_path / "history.csv"))
+
+
+def test_a_resumed_run_keeps_its_early_stopping_state(ws, tmp_path, capsys):
+    """Three epochs, then three more from the checkpoint: the run the six would have been."""
+    common = ["--data", str(ws / "data"), *EARLY, "--early-stopping", "4"]
+    assert cli.main(["train", "--out", str(tmp_path / "a"), *common, "--epochs", "3"]) == 0
+    assert cli.main(["train", "--resume", str(tmp_path / "a"), "--epochs", "6",
+                     "--no-progress"]) == 0
+    assert cli.main(["train", "--out", str(tmp_path / "b"), *common, "--epochs", "6"]) == 0
+    capsys.readouterr()
+    a, b = (parnn_load(tmp_path / d / "model.safetensors") for d in ("a", "b"))
+    assert np.array_equal(a.nets[0].params, b.nets[0].params)
+    assert a.meta["best_epoch"] == b.meta["best_epoch"] and a.meta["test_acc"] == b.meta["test_acc"]
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}
+                       for r in h]
+    assert strip(a.history) == strip(b.history) and len(a.history) == 6
+
+
+def test_history_csv_grows_a_row_per_epoch_while_the_run_goes(ws, tmp_path):
+    """Read at each epoch's log line (logged before its row is written): epoch k finds the
+    k - 1 rows before it; nothing exists before the first epoch ends."""
+    from parnn.run import config, session
+
+    csv_path, seen = tmp_path / "history.csv", {}
+
+    def log(line):
+        if line.startswith("epoch "):
+            k = int(line.split()[1].split("/")[0])
+            seen[k] = len(read_csv(csv_path)) if csv_path.exists() else None
+
+    cfg = config.make_config("modern", hidden=(8,), epochs=3, batch_size=32, engine="numpy",
+                             threads=1)
+    session.start(cfg, session.RunOptions(data=ws / "data", out=tmp_path, progress=False), log)
+    assert seen == {1: None, 2: 1, 3: 2}
+    rows = read_csv(csv_path)   # rewritten at the end, with the test accuracy
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[-1]["test_acc"]
+
+
+def parnn_load(path):
+    import parnn
+
+    return parnn.load(path)

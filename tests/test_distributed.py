@@ -18,9 +18,12 @@ import synthetic_data
 import pytest
 
 from parnn import cli, io
+from parnn.data import load_dataset
+from parnn.distributed import (SEED_STRIDE, DistributedOptions, combine_outputs, member_seed,
+                               shard_indices)
+from parnn.errors import ConfigError
 from parnn.run import train
-from parnn.data import FASHION_CLASSES, Dataset, load_dataset
-from parnn.distributed import SEED_STRIDE, combine_outputs, member_seed, shard_indices
+from parnn.run.config import make_config
 
 BIN = Path(sys.executable).parent
 MPIEXEC = BIN / "mpiexec"
@@ -91,6 +94,16 @@ def test_disjoint_shards_partition_the_training_set_and_bootstrap_draws_n_over_k
     assert member_seed(7, 0) == 7 and member_seed(7, 3) == 7 + 3 * SEED_STRIDE
 
 
+@pytest.mark.parametrize("options,words", [
+    (dict(mode="allreduce", shards="bootstrap"), "--shards only applies to --distributed ensemble"),
+    (dict(mode="ensemble", shards="random"), "unknown shards 'random': choose one of disjoint"),
+    (dict(mode="gossip"), "unknown distributed mode 'gossip': choose one of ensemble, allreduce"),
+])
+def test_distributed_options_are_checked_when_made(options, words):
+    with pytest.raises(ConfigError, match=words):
+        DistributedOptions(**options)
+
+
 # --- allreduce: identical ranks, same result as one process ------------------------------------
 
 def blobs(n=310, n_test=60, seed=0):
@@ -102,7 +115,9 @@ SCRIPT = textwrap.dedent("""
     import numpy as np
     from mpi4py import MPI
     from parnn.run import train
-    from parnn.distributed import AllreduceEngine, params_sha256
+    from parnn.run.config import make_config
+    from parnn.engines.allreduce import AllreduceEngine
+    from parnn.io import params_sha256
     sys.path.insert(0, sys.argv[2])
     from test_distributed import blobs
 
@@ -111,11 +126,11 @@ SCRIPT = textwrap.dedent("""
     for name, over in [("sgd7", dict(optimizer="sgd", lr=0.1, batch_size=7)),
                        ("adam50", dict(optimizer="adam", lr=1e-3, batch_size=50)),
                        ("momentum2", dict(optimizer="momentum", lr=0.05, batch_size=2))]:
-        cfg = train.make_config("modern", hidden=(16, 8), dtype="float64", epochs=2,
-                                engine="numpy", threads=1, **over)
+        cfg = make_config("modern", hidden=(16, 8), dtype="float64", epochs=2,
+                          engine="batch", threads=1, **over)
         res = train.fit(cfg, blobs(), progress=False, log=lambda *_: None,
                         engine=AllreduceEngine(comm))
-        hashes = comm.gather(params_sha256(res.net))
+        hashes = comm.gather(params_sha256(res.net.params))
         if comm.rank == 0:
             results[name] = res.net.params
             results[name + "_hashes"] = np.array(hashes)
@@ -140,8 +155,8 @@ def test_allreduce_equals_one_process_and_ranks_are_bitwise_identical(tmp_path):
                        ("adam50", dict(optimizer="adam", lr=1e-3, batch_size=50)),
                        ("momentum2", dict(optimizer="momentum", lr=0.05, batch_size=2))]:
         assert len(set(got[name + "_hashes"])) == 1, f"{name}: ranks differ"
-        cfg = train.make_config("modern", hidden=(16, 8), dtype="float64", epochs=2,
-                                engine="numpy", threads=1, **over)
+        cfg = make_config("modern", hidden=(16, 8), dtype="float64", epochs=2,
+                          engine="batch", threads=1, **over)
         ref = train.fit(cfg, blobs(), progress=False, log=lambda *_: None)
         np.testing.assert_allclose(got[name], ref.net.params, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(got[name + "_loss"], [r["loss"] for r in ref.history],
@@ -163,8 +178,8 @@ def test_allreduce_cli_matches_single_process_training(tmp_path):
     assert hist["info"]["ranks"] == 2 and hist["info"]["distributed"] == "allreduce"
     assert all(row["comm_seconds"] > 0 for row in hist["history"])
 
-    cfg = train.make_config("modern", hidden=(32,), epochs=2, dtype="float64", engine="numpy",
-                            threads=1)
+    cfg = make_config("modern", hidden=(32,), epochs=2, dtype="float64", engine="batch",
+                      threads=1)
     ds = load_dataset("fashion-mnist", REAL, "float64", 2000, 500)
     ref = train.fit(cfg, ds, progress=False, log=lambda *_: None)
     np.testing.assert_allclose(net.params, ref.net.params, rtol=1e-8, atol=1e-10)
@@ -214,6 +229,21 @@ def test_bootstrap_ensemble_in_one_process_says_it_runs_one_rank(tmp_path):
     nets, meta = io.load_any(tmp_path / "one" / "model.safetensors")
     assert len(nets) == 1 and meta["members"][0]["n_train"] == 2000
     assert meta["members"][0]["unique_samples"] < 2000
+
+
+@pytest.mark.mpi
+@needs_mpi
+def test_allreduce_refuses_an_engine_without_a_gradient_to_reduce(tmp_path):
+    """One rank, no mpiexec (MPI starts as a singleton): the set-up refusal is one clean line."""
+    data = synthetic_data.write_dataset(tmp_path / "data", n_train=60, n_test=20)
+    p = run([sys.executable, "-m", "parnn", "train", "--distributed", "allreduce", "--engine",
+             "numpy", "--data", data, "--hidden", "8", "--epochs", "1", "--no-progress",
+             "--out", tmp_path / "out"])
+    assert p.returncode == 2
+    assert p.stderr.splitlines() == ["parnn: error: --distributed allreduce reduces the gradients "
+                                     "of the batch engine; --engine numpy cannot be combined with "
+                                     "it (use auto or batch)"], p.stderr
+    assert not (tmp_path / "out").exists()
 
 
 # --- failures end the whole job, quickly, naming the rank --------------------------------------

@@ -4,10 +4,10 @@ import numpy as np
 import synthetic_data
 import pytest
 
-from parnn.run import train
-from parnn.data import Dataset, load_dataset, FASHION_CLASSES
+from parnn.data import load_dataset
 from parnn.errors import ConfigError, DivergenceError
-from parnn.core.optim import make_optimizer
+from parnn.run import config, train
+from parnn.run.config import make_config
 
 REAL = pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/datasets/fashion-mnist").is_dir(),
                           reason="Fashion-MNIST not installed")
@@ -18,13 +18,13 @@ def synthetic(n=300, n_test=100, seed=0, dtype="float64"):
 
 
 def test_presets_hold_the_papers_and_the_modern_settings():
-    p = train.make_config("paper")
+    p = make_config("paper")
     assert (p.activation, p.output, p.loss, p.optimizer, p.batch_size, p.dtype, p.lr) == \
         ("tanh", "tanh", "mse", "sgd", 1, "float64", 0.01)
-    m = train.make_config("modern")
+    m = make_config("modern")
     assert (m.activation, m.output, m.loss, m.optimizer, m.dtype) == \
         ("relu", "softmax", "cross_entropy", "adam", "float32")
-    assert train.make_config("paper", lr=0.5, hidden=(32,)).lr == 0.5
+    assert make_config("paper", lr=0.5, hidden=(32,)).lr == 0.5
 
 
 @pytest.mark.parametrize("overrides,words", [
@@ -43,24 +43,24 @@ def test_presets_hold_the_papers_and_the_modern_settings():
 ])
 def test_bad_settings_are_refused_up_front(overrides, words):
     with pytest.raises(ConfigError, match=words):
-        train.make_config("modern", **overrides)
+        make_config("modern", **overrides)
 
 
 def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="paper, modern"):
-        train.make_config("fast")
+        make_config("fast")
 
 
 def test_batch_larger_than_training_set_is_refused():
-    cfg = train.make_config("modern", batch_size=1000, engine="numpy", threads=1)
+    cfg = make_config("modern", batch_size=1000, engine="numpy", threads=1)
     with pytest.raises(ConfigError, match="larger than the training set"):
         train.fit(cfg, synthetic(n=300), progress=False, log=lambda *_: None)
 
 
 def test_same_seed_same_weights_different_seed_differs():
     ds = synthetic()
-    run = lambda seed: train.fit(train.make_config("modern", epochs=2, seed=seed, engine="numpy",
-                                                   threads=1, dtype="float64"),
+    run = lambda seed: train.fit(make_config("modern", epochs=2, seed=seed, engine="numpy",
+                                             threads=1, dtype="float64"),
                                  ds, progress=False, log=lambda *_: None).net.params
     a, b, c = run(5), run(5), run(6)
     assert np.array_equal(a, b)
@@ -69,15 +69,15 @@ def test_same_seed_same_weights_different_seed_differs():
 
 @pytest.mark.parametrize("batch_size,lr,epochs", [(1, 0.01, 5), (32, 0.05, 8), ("full", 0.005, 60)])
 def test_every_batch_mode_learns_the_blobs(batch_size, lr, epochs):
-    cfg = train.make_config("paper", batch_size=batch_size, lr=lr, epochs=epochs, engine="numpy",
-                            threads=1, hidden=(32, 16))
+    cfg = make_config("paper", batch_size=batch_size, lr=lr, epochs=epochs, engine="numpy",
+                      threads=1, hidden=(32, 16))
     res = train.fit(cfg, synthetic(), progress=False, log=lambda *_: None)
     assert res.history[-1]["test_acc"] > 0.8
     assert res.history[-1]["loss"] < 0.5 * res.history[0]["loss"]
 
 
 def test_full_batch_takes_one_step_per_epoch():
-    cfg = train.make_config("modern", batch_size="full", epochs=3, engine="numpy", threads=1)
+    cfg = make_config("modern", batch_size="full", epochs=3, engine="numpy", threads=1)
     steps = []
     res = train.fit(cfg, synthetic(), progress=False, log=lambda *_: None,
                     on_chunk=lambda epoch, done, net, opt: steps.append(opt.t))
@@ -86,7 +86,7 @@ def test_full_batch_takes_one_step_per_epoch():
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_divergence_stops_with_a_hint():
-    cfg = train.make_config("modern", lr=1e30, engine="numpy", threads=1, hidden=(64,))
+    cfg = make_config("modern", lr=1e30, engine="numpy", threads=1, hidden=(64,))
     with pytest.raises(DivergenceError, match="lower the learning rate"):
         train.fit(cfg, synthetic(), progress=False, log=lambda *_: None)
 
@@ -95,7 +95,7 @@ def test_divergence_stops_with_a_hint():
 @pytest.mark.slow
 def test_paper_network_learns_real_fashion_mnist():
     ds = load_dataset(dtype="float64", limit_train=4000, limit_test=2000)
-    cfg = train.make_config("paper", engine="numpy", threads=1, hidden=(64, 32))
+    cfg = make_config("paper", engine="numpy", threads=1, hidden=(64, 32))
     res = train.fit(cfg, ds, progress=False, log=lambda *_: None)
     assert res.history[-1]["test_acc"] > 0.65     # chance is 0.10
 
@@ -104,20 +104,283 @@ def test_paper_network_learns_real_fashion_mnist():
 @pytest.mark.slow
 def test_modern_network_learns_real_fashion_mnist():
     ds = load_dataset(dtype="float32", limit_train=5000, limit_test=2000)
-    cfg = train.make_config("modern", epochs=3, engine="numpy", threads=2)
+    cfg = make_config("modern", epochs=3, engine="numpy", threads=2)
     res = train.fit(cfg, ds, progress=False, log=lambda *_: None)
     assert res.history[-1]["test_acc"] > 0.75
 
 
-def test_cosine_schedule_decays_each_epochs_rate_and_constant_keeps_it():
-    cfg = train.make_config("modern", epochs=4, lr=0.01)
+def test_cosine_schedule_starts_at_lr_halves_midway_and_decays_towards_0():
+    cfg = make_config("modern", epochs=8, lr=0.01)
     assert cfg.lr_schedule == "cosine"
-    rates = [train.lr_at(cfg, e) for e in range(1, 5)]
-    np.testing.assert_allclose(rates, [0.01, 0.01 * (1 + np.cos(np.pi / 4)) / 2, 0.005,
-                                       0.01 * (1 + np.cos(3 * np.pi / 4)) / 2])
-    const = train.make_config("modern", epochs=4, lr=0.01, lr_schedule="constant")
-    assert [train.lr_at(const, e) for e in range(1, 5)] == [0.01] * 4
-    seen = []
-    train.fit(dataclasses.replace(cfg, engine="numpy", threads=1), synthetic(), progress=False,
-              log=lambda *_: None, on_chunk=lambda epoch, done, net, opt: seen.append(opt.lr))
-    np.testing.assert_allclose(seen, rates)
+    rates = [config.lr_at(cfg, e) for e in range(1, 9)]
+    assert rates[0] == 0.01
+    assert np.all(np.diff(rates) < 0)                          # every epoch lower than the last
+    assert config.lr_at(cfg, 5) == pytest.approx(0.005)        # epoch 1 + epochs/2: half
+    assert 0 < rates[-1] < 0.001                               # close to 0, not 0: it still learns
+    # symmetric about the midpoint: lr_at(1 + k) + lr_at(1 + epochs - k) = lr
+    assert config.lr_at(cfg, 3) + config.lr_at(cfg, 7) == pytest.approx(0.01)
+    const = make_config("modern", epochs=4, lr=0.01, lr_schedule="constant")
+    assert [config.lr_at(const, e) for e in range(1, 5)] == [0.01] * 4
+
+
+def test_the_loop_uses_each_epochs_scheduled_rate():
+    cfg = make_config("modern", epochs=4, lr=0.01, engine="numpy", threads=1)
+    seen = {}
+    train.fit(cfg, synthetic(), progress=False, log=lambda *_: None,
+              on_chunk=lambda epoch, done, net, opt: seen.setdefault(epoch, opt.lr))
+    assert seen == {e: config.lr_at(cfg, e) for e in range(1, 5)}
+
+
+# --- the constraints table -----------------------------------------------------------------------
+
+def test_every_setting_has_a_constraint():
+    assert set(config.CONSTRAINTS) == {f.name for f in dataclasses.fields(config.TrainConfig)}
+
+
+def test_presets_are_checked_configs_and_make_config_starts_from_them():
+    assert config.PRESETS == {"paper": config.PAPER, "modern": config.MODERN}
+    assert make_config("paper") == config.PAPER and make_config("modern") == config.MODERN
+    assert make_config("paper", lr=None, hidden=None) == config.PAPER   # None: keep the preset's
+
+
+@pytest.mark.parametrize("change,words", [
+    (dict(epochs=2.0), "epochs must be an integer >= 1, got 2.0"),
+    (dict(threads=True), "threads must be an integer >= 1, got True"),
+    (dict(lr=float("inf")), "learning rate must be a number > 0, got inf"),
+    (dict(hidden=(16, 1.5)), r"hidden layer sizes must be an integer >= 1, got \[16, 1.5\]"),
+    (dict(hidden=()), "hidden layer sizes must be one or more integers >= 1, got \\[\\]"),
+    (dict(batch_size="half"), "batch size must be an integer >= 1 or 'full', got 'half'"),
+    (dict(activation=None), "unknown hidden activation None: choose one of tanh, sigmoid, relu"),
+])
+def test_a_config_is_checked_whenever_it_is_made(change, words):
+    """dataclasses.replace (and TrainConfig(...)) check too: an invalid config cannot exist."""
+    with pytest.raises(ConfigError, match=words):
+        dataclasses.replace(config.MODERN, **change)
+
+
+def test_hidden_sizes_given_as_a_list_become_a_tuple():
+    cfg = config.TrainConfig(hidden=[32, 16])
+    assert cfg.hidden == (32, 16) and cfg.spec().sizes == (784, 32, 16, 10)
+
+
+def test_unknown_settings_are_named():
+    with pytest.raises(ConfigError, match="unknown setting.*: hiden"):
+        make_config("modern", hiden=(3,))
+
+
+# --- the engine: picked once per run -------------------------------------------------------------
+
+@pytest.mark.parametrize("engine,batch,optimizer,picked", [("auto", 32, "adam", "batch"),
+                                                          ("auto", 1, "sgd", "serial"),
+                                                          ("auto", 1, "adam", "batch"),
+                                                          ("numpy", 1, "sgd", "numpy")])
+def test_the_engine_is_made_once_per_run(monkeypatch, engine, batch, optimizer, picked):
+    made = []
+    real = config.make_engine
+    monkeypatch.setattr(config, "make_engine", lambda name, **kw: made.append(name) or real(name, **kw))
+    cfg = make_config("modern", engine=engine, batch_size=batch, optimizer=optimizer, lr=0.01,
+                      epochs=2, hidden=(8,), threads=1)
+    res = train.fit(cfg, synthetic(n=64, n_test=16), progress=False, log=lambda *_: None)
+    assert made == [picked] and res.engine == picked
+
+
+def test_an_engine_that_refuses_the_run_says_why():
+    cfg = make_config("modern", engine="serial", threads=1)   # Adam on mini-batches
+    with pytest.raises(ConfigError, match="engine serial .* optimizer adam"):
+        train.fit(cfg, synthetic(), progress=False, log=lambda *_: None)
+
+
+def test_a_given_engine_is_used_and_none_is_made(monkeypatch):
+    monkeypatch.setattr(config, "make_engine", lambda *a, **kw: pytest.fail("made an engine"))
+    from parnn.engines.numpy import NumpyEngine
+
+    engine = NumpyEngine()
+    cfg = make_config("modern", engine="batch", batch_size=16, epochs=1, hidden=(8,), threads=1)
+    assert train.fit(cfg, synthetic(n=64, n_test=16), progress=False, log=lambda *_: None,
+                     engine=engine).engine == "numpy"
+
+
+# --- the validation split ------------------------------------------------------------------------
+
+def test_the_validation_split_is_stratified_and_drawn_from_the_seed():
+    from parnn.run.arrays import validation_rows
+
+    rng = np.random.default_rng(0)
+    y = rng.choice(10, 1003, p=np.linspace(1, 10, 10) / 55)   # classes of unequal sizes
+    train_rows, val_rows = validation_rows(y, 0.1, seed=1)
+    assert len(val_rows) == 100 and len(train_rows) == 903
+    assert np.array_equal(np.sort(np.concatenate([train_rows, val_rows])), np.arange(1003))
+    assert np.all(np.diff(val_rows) > 0) and np.all(np.diff(train_rows) > 0)
+    counts, held = np.bincount(y, minlength=10), np.bincount(y[val_rows], minlength=10)
+    assert np.all(np.abs(held - 0.1 * counts) < 1)                 # each class its share
+    again, other = validation_rows(y, 0.1, seed=1)[1], validation_rows(y, 0.1, seed=2)[1]
+    assert np.array_equal(again, val_rows) and not np.array_equal(other, val_rows)
+    plain = validation_rows(y, 0.1, seed=1, stratify=False)[1]
+    assert len(plain) == 100 and not np.array_equal(plain, val_rows)
+
+
+def test_the_engine_trains_on_the_training_rows_only_and_the_test_set_waits(monkeypatch):
+    """The validation rows never reach the engine's order, the test set never reaches the
+    engine at all, and the test set is scored once, after the last epoch."""
+    from parnn.engines.numpy import NumpyEngine
+    from parnn.run import api
+    from parnn.run.arrays import validation_rows
+
+    ds = synthetic(dtype="float32")
+    cfg = make_config("modern", epochs=3, engine="numpy", threads=1, batch_size=16, hidden=(8,))
+    events, engine = [], NumpyEngine()
+    real_train, real_score = engine.train, train.score
+    monkeypatch.setattr(engine, "train", lambda net, opt, X, T, order, bs: (
+        events.append(("train", X, order.copy())), real_train(net, opt, X, T, order, bs))[1])
+    monkeypatch.setattr(train, "score", lambda net, subset, *a: (
+        events.append(("score", subset.X)), real_score(net, subset, *a))[1])
+    res = api.run_training(cfg, ds, engine=engine, progress=False, log=lambda *_: None)
+    train_rows, val_rows = validation_rows(ds.y_train, 0.1, cfg.seed)
+    orders = [e[2] for e in events if e[0] == "train"]
+    assert all(e[1] is ds.X_train for e in events if e[0] == "train")
+    assert len(orders) == 3 and all(np.array_equal(np.sort(o), train_rows) for o in orders)
+    assert not np.isin(np.concatenate(orders), val_rows).any()
+    tested = [i for i, e in enumerate(events) if e[0] == "score" and e[1] is ds.X_test]
+    assert tested == [len(events) - 1]                              # once, at the very end
+    assert [("test_acc" in r) for r in res.history] == [False, False, True]
+    assert res.history[-1]["test_acc"] == res.test_acc == \
+        float(np.mean(res.net.predict(ds.X_test) == ds.y_test))
+    # asked for, the test set is scored after every epoch too
+    every = api.run_training(cfg, ds, progress=False, log=lambda *_: None, test_every_epoch=True)
+    assert all("test_acc" in r for r in every.history)
+    assert np.array_equal(every.net.params, res.net.params)        # and changes no weight
+
+
+def test_the_paper_preset_holds_nothing_out():
+    from parnn.run import api
+
+    lines = []
+    api.run_training(make_config("paper", engine="numpy", threads=1, hidden=(8,)), synthetic(),
+                     progress=False, log=lines.append)
+    assert "300 training samples" in lines[0] and "validation" not in lines[0]
+    assert "val_acc" not in lines[1]
+
+
+# --- early stopping -------------------------------------------------------------------------------
+
+def overfitting(**kw):
+    """Data and settings whose validation loss turns up after some epochs (checked below)."""
+    ds = synthetic_data.blobs(120, 60, seed=0, noise=0.3)
+    cfg = make_config("modern", epochs=30, lr=0.03, lr_schedule="constant", batch_size=16,
+                      hidden=(32,), engine="numpy", threads=1, dtype="float64",
+                      validation_split=0.25, early_stopping=2)
+    return ds, dataclasses.replace(cfg, **kw)
+
+
+def test_early_stopping_keeps_the_best_epochs_weights():
+    from parnn.run import api
+    from parnn.run.arrays import validation_rows
+
+    ds, cfg = overfitting()
+    at_end = {}
+    res = api.run_training(cfg, ds, progress=False, log=lambda *_: None,
+                           on_chunk=lambda epoch, done, net, opt:
+                           at_end.__setitem__(epoch, net.params.copy()))
+    losses = [r["val_loss"] for r in res.history]
+    best = 1 + int(np.argmin(losses))
+    assert res.stopped and res.best_epoch == best < len(res.history) < cfg.epochs
+    assert len(res.history) == best + cfg.early_stopping             # patience ran out
+    assert np.array_equal(res.net.params, at_end[best])
+    assert not np.array_equal(res.net.params, at_end[len(res.history)])
+    # the row's val_loss is these weights' loss on the held-out rows
+    held = train.Subset(ds.X_train, ds.y_train, validation_rows(ds.y_train, 0.25, cfg.seed)[1])
+    assert train.score(res.net, held) == (losses[best - 1], res.history[best - 1]["val_acc"])
+    assert [r.get("test_acc") is not None for r in res.history].count(True) == 1
+    assert res.history[best - 1]["test_acc"] == res.test_acc
+
+
+def test_without_early_stopping_the_last_epochs_weights_are_kept():
+    from parnn.run import api
+
+    ds, cfg = overfitting()
+    cfg = dataclasses.replace(cfg, early_stopping=None, epochs=6)
+    at_end = {}
+    res = api.run_training(cfg, ds, progress=False, log=lambda *_: None,
+                           on_chunk=lambda epoch, done, net, opt:
+                           at_end.__setitem__(epoch, net.params.copy()))
+    assert res.best_epoch is None and not res.stopped and len(res.history) == 6
+    assert np.array_equal(res.net.params, at_end[6]) and "test_acc" in res.history[-1]
+
+
+class Crash(Exception):
+    """Stands for a kill right after a checkpoint."""
+
+
+def test_a_run_resumed_from_any_checkpoint_stops_early_at_the_same_epoch(tmp_path):
+    """The best weights and the epochs since the best survive a resume (the checkpoint holds
+    them), so an interrupted run stops where the uninterrupted one did, with its weights."""
+    from parnn.run import api, checkpoint
+
+    class Recorder(checkpoint.Checkpointer):
+        def __init__(self, directory, crash_at=None):
+            super().__init__(directory, every=2)
+            self.saves, self.crash_at = 0, crash_at
+
+        def save(self, cfg, pos, net, opt):
+            super().save(cfg, pos, net, opt)
+            self.saves += 1
+            if self.saves == self.crash_at:
+                raise Crash
+
+    ds, cfg = overfitting()
+    quiet = dict(progress=False, log=lambda *_: None)
+    rec = Recorder(tmp_path / "ref")
+    ref = api.run_training(cfg, ds, checkpoints=rec, **quiet)
+    assert ref.stopped
+    strip = lambda h: [{k: v for k, v in r.items() if k not in ("seconds", "samples_per_s")}
+                       for r in h]
+    for k in sorted({1, 3, 7, rec.saves // 2, rec.saves - 3, rec.saves - 1, rec.saves}):
+        d = tmp_path / f"crash{k}"
+        with pytest.raises(Crash):
+            api.run_training(cfg, ds, checkpoints=Recorder(d, crash_at=k), **quiet)
+        ck = checkpoint.load(d)
+        res = api.run_training(cfg, ds, checkpoints=Recorder(d), resume=ck, **quiet)
+        assert np.array_equal(res.net.params, ref.net.params), f"resumed after save {k}"
+        assert strip(res.history) == strip(ref.history)
+        assert (res.best_epoch, res.stopped, res.test_acc) == (ref.best_epoch, True, ref.test_acc)
+    # the last checkpoint is of a finished run: nothing is left to train
+    assert checkpoint.load(tmp_path / f"crash{rec.saves}").finished
+
+
+def test_the_checkpoints_early_stopping_state_is_checked(tmp_path):
+    from parnn import io
+    from parnn.errors import ModelFileError
+    from parnn.run import api, checkpoint
+
+    ds, cfg = overfitting(epochs=6)
+    api.run_training(cfg, ds, checkpoints=checkpoint.Checkpointer(tmp_path), progress=False,
+                     log=lambda *_: None)
+    arrays, meta = io.load_checkpoint(tmp_path / checkpoint.NEWEST)
+    assert meta["best_epoch"] >= 1 and "best.params" in arrays
+    bad = [({**meta, "best_epoch": meta["best_epoch"] % 6 + 1}, arrays, "lowest validation loss"),
+           ({**meta, "stopped": not meta["stopped"]}, arrays, "stopped"),
+           ({**meta, "best_epoch": None}, arrays, "tensors"),
+           (meta, {k: v for k, v in arrays.items() if k != "best.params"}, "tensors"),
+           ({**meta, "config": {**meta["config"], "early_stopping": None}}, arrays,
+            "without early stopping")]
+    for m, a, words in bad:
+        io.save_checkpoint(tmp_path / "x.safetensors", a, m)
+        with pytest.raises(ModelFileError, match=words):
+            checkpoint.read(tmp_path / "x.safetensors")
+
+
+def test_a_checkpoint_from_before_validation_loads_without_a_split(tmp_path):
+    from parnn import io
+    from parnn.run import checkpoint
+
+    cfg = make_config("modern", epochs=2, engine="numpy", threads=1, hidden=(8,),
+                      validation_split=0.0)
+    train.fit(cfg, synthetic(), checkpoints=checkpoint.Checkpointer(tmp_path), progress=False,
+              log=lambda *_: None)
+    arrays, meta = io.load_checkpoint(tmp_path / checkpoint.NEWEST)
+    old = {k: v for k, v in meta.items() if k not in ("best_epoch", "stopped")}
+    old["config"] = {k: v for k, v in meta["config"].items()
+                     if k not in ("validation_split", "early_stopping")}
+    io.save_checkpoint(tmp_path / "old.safetensors", arrays, old)
+    ck = checkpoint.read(tmp_path / "old.safetensors")
+    assert ck.config == cfg and ck.finished and ck.position.best_epoch is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from parnn import __version__
@@ -49,8 +50,28 @@ def _add_data_args(p, dataset="fashion-mnist"):
                    help="default: fashion-mnist")
 
 
+def _text(value):
+    """A setting's value as a flag takes it."""
+    if value is None:
+        return "off"
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+
+
+def _setting_adder(presets):
+    """add(group, flag, ...): the flag of a TrainConfig setting, its help ending with the
+    value each preset gives it."""
+    def add(group, flag, help, **kw):
+        name = flag[2:].replace("-", "_")
+        values = {p: _text(getattr(cfg, name)) for p, cfg in presets.items()}
+        shown = (f"every preset: {next(iter(values.values()))}" if len(set(values.values())) == 1
+                 else "; ".join(f"{p}: {v}" for p, v in values.items()))
+        group.add_argument(flag, help=f"{help} ({shown})".replace("%", "%%"), **kw)
+    return add
+
+
 def build_parser():
-    from parnn.run.train import PRESETS, DEFAULT_PRESET
+    from parnn.engines import available
+    from parnn.run.config import PRESETS, DEFAULT_PRESET
 
     top = Parser(prog="parnn", description="Train feedforward neural networks on Fashion-MNIST "
                  "in parallel (per-neuron threads, Hogwild, mini-batch BLAS, MPI).")
@@ -60,56 +81,80 @@ def build_parser():
     t = sub.add_parser("train", help="train a network and report its test accuracy",
                        description="Train a network. A preset gives every setting; any flag "
                        "overrides it. paper = the paper's system (tanh, MSE, per-sample SGD, "
-                       "float64); modern = ReLU, softmax cross-entropy, Adam, mini-batches, float32.")
+                       "float64); modern = ReLU, softmax cross-entropy, Adam, mini-batches, "
+                       "float32. Each setting's help ends with its value in each preset; "
+                       "--show-config prints the settings a run would use.")
     # Defaults of None here and for --dataset: --resume must tell a flag given from a default.
     t.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help=f"default: {DEFAULT_PRESET}")
-    t.add_argument("--hidden", type=_int_list, help="hidden layer sizes, e.g. 256,128")
-    t.add_argument("--activation", help="hidden activation: tanh, sigmoid, relu")
-    t.add_argument("--output", help="output activation: tanh, sigmoid, softmax")
-    t.add_argument("--loss", help="mse or cross_entropy")
-    t.add_argument("--init", help="paper (U[0,1), saturates tanh), xavier, he")
-    t.add_argument("--dtype", help="float32 or float64")
-    t.add_argument("--optimizer", help="sgd, momentum, adam")
-    t.add_argument("--lr", type=float, help="learning rate")
-    t.add_argument("--lr-schedule", help="constant, or cosine (decays lr towards 0 over the epochs)")
-    t.add_argument("--momentum", type=float, help="momentum coefficient (optimizer momentum)")
-    t.add_argument("--batch-size", type=_batch_size,
-                   help="1 = per-sample SGD (the paper's code), N = mini-batch, full = full-batch GD")
-    t.add_argument("--epochs", type=int)
-    t.add_argument("--seed", type=int)
-    t.add_argument("--engine", help="numpy, serial, neuron, hogwild, batch, or auto (default)")
-    t.add_argument("--threads", type=int, help="threads for Numba and BLAS (default: all cores)")
-    t.add_argument("--limit-train", type=int, metavar="N", help="train on the first N samples only")
-    t.add_argument("--limit-test", type=int, metavar="N", help="test on the first N samples only")
-    t.add_argument("--out", type=Path, metavar="DIR",
-                   help="where the model, history and plot go (default: runs/PRESET)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    t.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
-                   help="where checkpoints go (default: OUT/checkpoints); one is written after "
-                   "every epoch, every --checkpoint-every steps, and on Ctrl-C or SIGTERM")
-    t.add_argument("--checkpoint-every", type=int, metavar="N",
-                   help="also checkpoint every N optimizer steps (at the next boundary of the "
-                   "chunks of batches handed to the engine)")
+    t.add_argument("--show-config", action="store_true",
+                   help="print the resolved settings (preset, flags, or a --resume "
+                   "checkpoint's) and exit without training")
     t.add_argument("--resume", type=Path, metavar="DIR",
                    help="continue the run whose checkpoints are in DIR (or DIR/checkpoints) with "
                    "its saved settings; --epochs may extend it")
-    t.add_argument("--distributed", choices=("ensemble", "allreduce"),
-                   help="under `mpiexec -n K`: ensemble = K networks on K shards, voted; "
-                   "allreduce = one network, every batch split over K ranks (docs/MPI.md)")
-    t.add_argument("--shards", choices=("disjoint", "bootstrap"),
+    _setting = _setting_adder(PRESETS)
+    m = t.add_argument_group("model")
+    _setting(m, "--hidden", type=_int_list, metavar="N,N", help="hidden layer sizes")
+    _setting(m, "--activation", metavar="NAME", help="hidden activation: tanh, sigmoid, relu")
+    _setting(m, "--output", metavar="NAME", help="output activation: tanh, sigmoid, softmax")
+    _setting(m, "--loss", metavar="NAME", help="mse or cross_entropy")
+    _setting(m, "--init", metavar="NAME", help="paper (U[0,1), saturates tanh), xavier, he")
+    _setting(m, "--dtype", metavar="NAME", help="float32 or float64")
+    r = t.add_argument_group("training")
+    _setting(r, "--optimizer", metavar="NAME", help="sgd, momentum, adam")
+    _setting(r, "--lr", type=float, help="learning rate")
+    _setting(r, "--lr-schedule", metavar="NAME",
+             help="constant, or cosine (decays lr towards 0 over the epochs)")
+    _setting(r, "--momentum", type=float, help="momentum coefficient (optimizer momentum)")
+    _setting(r, "--batch-size", type=_batch_size, metavar="N|full",
+             help="1 = per-sample SGD (the paper's code), N = mini-batch, full = full-batch GD")
+    _setting(r, "--epochs", type=int, help="passes over the training set")
+    _setting(r, "--seed", type=int, help="seeds the init, the sample order and the validation "
+             "split: the same seed, the same run")
+    _setting(r, "--validation-split", type=float, metavar="FRACTION",
+             help="hold out this fraction of the training set (stratified by class, drawn from "
+             "the seed) and report its loss and accuracy after every epoch; 0 = none")
+    _setting(r, "--early-stopping", type=int, metavar="PATIENCE",
+             help="stop after PATIENCE epochs without a lower validation loss and keep the "
+             "weights of the epoch with the lowest (needs a validation split)")
+    _setting(r, "--engine", metavar="NAME",
+             help=f"{', '.join(available())}, or auto (serial for per-sample SGD, else batch)")
+    r.add_argument("--threads", type=int, help="threads for Numba and BLAS (default: all cores)")
+    r.add_argument("--test-every-epoch", action="store_true",
+                   help="score the test set after every epoch too (default: once, at the end, "
+                   "on the weights returned: the test set never steers training)")
+    d = t.add_argument_group("data")
+    _add_data_args(d, dataset=None)
+    d.add_argument("--limit-train", type=int, metavar="N", help="train on the first N samples only")
+    d.add_argument("--limit-test", type=int, metavar="N", help="test on the first N samples only")
+    o = t.add_argument_group("output")
+    o.add_argument("--out", type=Path, metavar="DIR",
+                   help="where the model, history and plot go (default: runs/PRESET); "
+                   "history.csv gains a row after every epoch")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
+                   help="where checkpoints go (default: OUT/checkpoints); one is written after "
+                   "every epoch, every --checkpoint-every steps, and on Ctrl-C or SIGTERM")
+    o.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="also checkpoint every N optimizer steps (at the next boundary of the "
+                   "chunks of batches handed to the engine)")
+    g = t.add_argument_group("distributed", "under `mpiexec -n K` (docs/MPI.md)")
+    g.add_argument("--distributed", choices=("ensemble", "allreduce"),
+                   help="ensemble = K networks on K shards, voted; allreduce = one network, "
+                   "every batch split over K ranks")
+    g.add_argument("--shards", choices=("disjoint", "bootstrap"),
                    help="ensemble members' training data: disjoint parts (default) or "
                    "bootstrap samples of n/K")
-    _add_data_args(t, dataset=None)
 
     e = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a model")
-    e.add_argument("model", type=Path)
-    e.add_argument("--limit-test", type=int, metavar="N")
+    e.add_argument("model", type=Path, help="a model or ensemble file (model.safetensors)")
+    e.add_argument("--limit-test", type=int, metavar="N", help="the first N test images only")
     _add_data_args(e)
 
     p = sub.add_parser("predict", help="classify your own images (PNG/JPEG, or .npy arrays)")
-    p.add_argument("model", type=Path)
-    p.add_argument("images", type=Path, nargs="+")
+    p.add_argument("model", type=Path, help="a model or ensemble file (model.safetensors)")
+    p.add_argument("images", type=Path, nargs="+", help="image files: PNG, JPEG or .npy")
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                    help="Fashion-MNIST is light clothing on black; auto inverts images whose "
                    "border is light")
@@ -122,39 +167,15 @@ def build_parser():
     i = dsub.add_parser("info", help="where the data is, counts, classes, checksums")
     _add_data_args(i)
 
+    from parnn.bench import options as bench_options
+
     b = sub.add_parser("bench", help="time engines x thread counts (and peers, the C reference)",
                        description="Time every engine at every thread count on the paper's "
                        "workload (784-256-128-10 tanh, MSE, per-sample SGD, float64) or the "
                        "modern one (ReLU, softmax CE, Adam, batch 128, float32); print the "
                        "paper's table per engine; write CSV, JSON and PNG figures. Run it under "
                        "`flock /tmp/bench.lock` on a shared machine.")
-    b.add_argument("--workload", choices=("paper", "modern"), default="paper")
-    b.add_argument("--engines", type=_names, help="comma-separated; default: serial,neuron,"
-                   "hogwild,owner for paper, batch,numpy for modern")
-    b.add_argument("--threads", type=_int_list, help="comma-separated thread counts, e.g. 1,2,4 "
-                   "(default: 1, 2, 4, ... up to all cores)")
-    b.add_argument("--hidden", type=_int_list, help="hidden layer sizes (default: 256,128)")
-    b.add_argument("--epochs", type=int, default=1, help="epochs per run (default: 1)")
-    b.add_argument("--limit-train", type=int, metavar="N", help="train on the first N samples "
-                   "(times are also reported scaled to a 60k epoch, labelled)")
-    b.add_argument("--repeat", type=int, default=3, metavar="K",
-                   help="runs per configuration, in interleaved rounds (default: 3)")
-    b.add_argument("--peers", nargs="?", const="torch,sklearn", type=_names, metavar="LIST",
-                   help="also time PyTorch and scikit-learn on the same workload (or only LIST)")
-    b.add_argument("--c-reference", type=Path, metavar="DIR",
-                   help="also time the C reference binaries nn_serial and nn_omp in DIR")
-    b.add_argument("--seed", type=int, default=1)
-    b.add_argument("--no-breakdown", action="store_true",
-                   help="skip the forward/error/update/fork-join breakdown and the model")
-    b.add_argument("--dense", action="store_true", help="per-sample engines visit every input "
-                   "weight row, even for zero pixels (like the C reference; same results)")
-    b.add_argument("--quiet-wait", type=float, default=0, metavar="S",
-                   help="before each timed run wait up to S seconds for other processes to go "
-                   "quiet (< 0.25 cores busy); default 0 = do not wait")
-    b.add_argument("--out", type=Path, default=Path("runs/bench"), metavar="DIR",
-                   help="where bench.json, bench.csv and the figures go (default: runs/bench)")
-    b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_data_args(b)
+    bench_options.add_arguments(b)        # one argument per field of bench.Options
     return top
 
 
@@ -176,160 +197,68 @@ def main(argv=None):
 
 # --- commands ----------------------------------------------------------------------------------
 
-CONFIG_FLAGS = ("hidden", "activation", "output", "loss", "init", "dtype", "optimizer", "lr",
-                "lr_schedule", "momentum", "batch_size", "epochs", "seed", "engine", "threads")
-# What a resumed run keeps from its checkpoint: a flag may repeat the saved value, not change it.
-KEPT_ON_RESUME = ("preset", "hidden", "activation", "output", "loss", "init", "dtype", "optimizer",
-                  "lr", "lr_schedule", "momentum", "batch_size", "seed", "engine", "dataset", "limit_train",
-                  "limit_test")
-
-
 def cmd_train(args):
-    from parnn.io import check_output_dir
-    from parnn import data as datamod
-    from parnn.run import train
+    from dataclasses import fields
+
     from parnn.errors import ConfigError
+    from parnn.run import config, session
 
     _check_limits(args)
-    if args.checkpoint_every is not None and args.checkpoint_every < 1:
-        raise ConfigError(f"--checkpoint-every must be >= 1 (optimizer steps), "
-                          f"got {args.checkpoint_every}")
+    opts = session.RunOptions(dataset=args.dataset, data=args.data, limit_train=args.limit_train,
+                              limit_test=args.limit_test, out=args.out,
+                              checkpoint_dir=args.checkpoint_dir,
+                              checkpoint_every=args.checkpoint_every,
+                              progress=not args.no_progress,
+                              test_every_epoch=args.test_every_epoch)
     if args.distributed and (args.resume or args.checkpoint_dir or args.checkpoint_every):
         raise ConfigError("--resume, --checkpoint-dir and --checkpoint-every do not work with "
                           "--distributed yet")
-    if args.shards is not None and args.distributed != "ensemble":
+    if args.distributed and (args.validation_split or args.early_stopping
+                             or args.test_every_epoch):
+        raise ConfigError("--validation-split, --early-stopping and --test-every-epoch do not "
+                          "work with --distributed yet")
+    if args.shards is not None and not args.distributed:
         raise ConfigError("--shards only applies to --distributed ensemble (each member's share "
                           "of the training set)")
+    # Every setting has a flag of its name; None = not given (the preset's or the checkpoint's).
+    settings = {f.name: getattr(args, f.name) for f in fields(config.TrainConfig)}
     if args.resume is not None:
-        return _resume(args)
-    args.dataset = args.dataset or "fashion-mnist"
-    cfg = train.make_config(args.preset or train.DEFAULT_PRESET,
-                            **{k: getattr(args, k) for k in CONFIG_FLAGS})
-    out = args.out or Path("runs") / cfg.preset
-    if args.distributed:  # every MPI rank runs this; mpi4py is imported only there
-        from parnn import distributed
-
-        return distributed.cmd_train(args, cfg, out)
-    ckdir = args.checkpoint_dir or out / "checkpoints"
-    check_output_dir(out, "--out")
-    check_output_dir(ckdir, "--checkpoint-dir")
-    _refuse_unfinished(ckdir)
-    ds = datamod.load_dataset(args.dataset, args.data, cfg.dtype, args.limit_train, args.limit_test)
-    run = {"dataset": ds.name, "data_dir": str(Path(ds.source).absolute()), "sha256": ds.sha256,
-           "limit_train": args.limit_train, "limit_test": args.limit_test,
-           "out": str(Path(out).absolute()), "checkpoint_every": args.checkpoint_every}
-    _train_and_save(args, cfg, ds, out, ckdir, run)
-
-
-def _resume(args):
-    """parnn train --resume DIR: the checkpoint's settings, data and position; see docs/ROBUSTNESS.md."""
-    from parnn.io import check_output_dir
-    import dataclasses
-    import os
-
-    from parnn.run import checkpoint, train
-    from parnn import data as datamod
-    from parnn.errors import ConfigError
-
-    if args.checkpoint_dir is not None:
-        raise ConfigError("--checkpoint-dir cannot be combined with --resume: a resumed run "
-                          "goes on writing its checkpoints into the --resume directory")
-    ck = checkpoint.load(args.resume, warn=_warn)
-    run = _saved_run(ck)
-    saved = {**dataclasses.asdict(ck.config), **run}
-    conflicts = [f"--{k.replace('_', '-')} {_show(getattr(args, k))} (it has {_show(saved[k])})"
-                 for k in KEPT_ON_RESUME
-                 if getattr(args, k) is not None and getattr(args, k) != saved[k]]
-    if conflicts:
-        raise ConfigError(f"a resumed run keeps the settings of its checkpoint in "
-                          f"{ck.path.parent}, but {'; '.join(conflicts)}: drop those flags "
-                          "(--epochs, --threads, --checkpoint-every, --out, --data and "
-                          "--no-progress may change)")
-    pos = ck.position
-    epochs = args.epochs if args.epochs is not None else ck.config.epochs
-    trained = pos.epoch - (pos.done == 0)  # epochs finished or begun
-    if epochs < trained:
-        raise ConfigError(f"--epochs {epochs} is fewer than the {trained} epoch(s) the checkpoint "
-                          f"has already trained or begun: pass --epochs {trained} or more")
-    threads = args.threads if args.threads is not None else \
-        min(ck.config.threads, os.cpu_count() or 1)
-    cfg = dataclasses.replace(ck.config, epochs=epochs, threads=threads)
-    if cfg.engine == "auto" and ck.engine:  # the engine "auto" chose then, even if it would not now
-        cfg = dataclasses.replace(cfg, engine=ck.engine)
-    train.validate(cfg)
-    out = args.out or Path(run["out"])
-    check_output_dir(out, "--out")
-    check_output_dir(ck.path.parent, "--resume")
-    # The data may have moved (--data), but it must be the same bytes.
-    data_dir = args.data or (run["data_dir"] if Path(run["data_dir"]).is_dir() else None)
-    ds = datamod.load_dataset(run["dataset"], data_dir, cfg.dtype, run["limit_train"],
-                              run["limit_test"])
-    if ds.sha256 != run["sha256"]:
-        raise ConfigError(f"the data in {ds.source} differs from the data the checkpoint was "
-                          f"trained on (from {run['data_dir']}): pass --data with that dataset")
-    every = args.checkpoint_every or run["checkpoint_every"]
-    run = dict(run, out=str(Path(out).absolute()), checkpoint_every=every)
-    _train_and_save(args, cfg, ds, out, ck.path.parent, run, ck)
-
-
-def _train_and_save(args, cfg, ds, out, ckdir, run, resume=None):
-    from parnn.run import checkpoint, train
-    from parnn.errors import ParnnError
-
-    checkpoints = checkpoint.Checkpointer(ckdir, run["checkpoint_every"], run)
-    result = train.fit(cfg, ds, progress=not args.no_progress, checkpoints=checkpoints,
-                       resume=resume)
-    # Only the data's identity goes into the files: free the arrays (210 MB) before matplotlib
-    # loads for the plot, or that moment sets the run's peak memory (docs/ROBUSTNESS.md).
-    ds.X_train = ds.X_test = None
-    try:
-        paths = train.save_run(out, result, ds)
-    except OSError as e:
-        raise ParnnError(f"{out}: cannot write the results ({e.strerror or e}); the trained "
-                         f"network is in the checkpoint: fix that and run "
-                         f"`{checkpoint.resume_command(ckdir)}`") from None
-    last = result.history[-1]
-    print(f"test accuracy {last['test_acc']:.4f} after {len(result.history)} epoch(s); "
+        if args.show_config:
+            return _show_config(session.resumed(args.resume, opts, settings, warn=_warn)[2])
+        result, paths = session.resume(args.resume, opts, settings, warn=_warn)
+    else:
+        cfg = config.make_config(settings.pop("preset") or config.DEFAULT_PRESET, **settings)
+        if args.show_config:
+            return _show_config(cfg)
+        if args.distributed:  # every MPI rank runs this; mpi4py is imported only there
+            # The distributed runs train on the whole training set: say so in their files.
+            return _train_distributed(args, replace(cfg, validation_split=0.0))
+        result, paths = session.start(cfg, opts)
+    kept = f" (early stopping: the weights of epoch {result.best_epoch})" \
+        if result.best_epoch is not None and result.best_epoch != len(result.history) else ""
+    print(f"test accuracy {result.test_acc:.4f} after {len(result.history)} epoch(s){kept}; "
           f"model saved to {paths['model']}")
 
 
-def _saved_run(ck):
-    """The checkpoint's record of its data and outputs (written by cmd_train), checked."""
-    from parnn.data import DATASETS
-    from parnn.errors import ModelFileError
-
-    run = ck.run
-    limits_ok = all(run.get(k) is None or (type(run.get(k)) is int and run[k] >= 1)
-                    for k in ("limit_train", "limit_test", "checkpoint_every"))
-    if not (run.get("dataset") in DATASETS and isinstance(run.get("data_dir"), str)
-            and isinstance(run.get("out"), str) and isinstance(run.get("sha256"), dict)
-            and limits_ok):
-        raise ModelFileError(f"{ck.path}: the checkpoint does not record its data and output "
-                             "directory (was it written by `parnn train`?)")
-    return run
+def _show_config(cfg):
+    """Each setting and its value, as the flags take them."""
+    width = max(len(k) for k in cfg.to_dict())
+    for k, v in cfg.to_dict().items():
+        print(f"{k.replace('_', '-'):<{width}}  {_text(tuple(v) if isinstance(v, list) else v)}")
 
 
-def _show(value):
-    if value is None:
-        return "none"
-    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+def _train_distributed(args, cfg):
+    from parnn import distributed
+
+    opts = distributed.DistributedOptions(
+        mode=args.distributed, shards=args.shards, dataset=args.dataset or "fashion-mnist",
+        data=args.data, limit_train=args.limit_train, limit_test=args.limit_test, out=args.out,
+        threads=args.threads, progress=not args.no_progress)
+    return distributed.train(cfg, opts)
 
 
 def _warn(message):
     print(f"parnn: warning: {message}", file=sys.stderr)
-
-
-def _refuse_unfinished(ckdir):
-    """A new run must not rotate away the checkpoints of an unfinished one."""
-    from parnn.run import checkpoint
-    from parnn.errors import ConfigError
-
-    ck = checkpoint.peek(ckdir) if Path(ckdir).is_dir() else None
-    if ck is not None and not ck.finished:
-        raise ConfigError(f"{ckdir} holds the checkpoint of an unfinished run (epoch "
-                          f"{ck.position.epoch} of {ck.config.epochs}, step {ck.step}): continue "
-                          f"it with `{checkpoint.resume_command(ckdir)}`, or start over with "
-                          "another --out or --checkpoint-dir (or delete that directory)")
 
 
 def _check_limits(args):
@@ -402,8 +331,9 @@ def cmd_bench(args):
     from parnn.io import check_output_dir
     from parnn import bench
 
-    check_output_dir(args.out, "--out")
-    bench.main(args)
+    opts = bench.Options.from_namespace(args)
+    check_output_dir(opts.out, "--out")
+    bench.run(opts)
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data,

@@ -13,8 +13,10 @@ ensemble   the paper's future work. Rank r trains its own network with seed + 10
 allreduce  synchronous data parallelism. Every rank holds the same network; each global batch of B
            samples is split into K contiguous parts, each rank computes its part's gradient scaled
            by 1/B, one Allreduce(SUM) of the flat gradient buffer gives every rank the batch's mean
-           gradient, and every rank applies the same optimizer step. Equals one process with
-           batch B up to rounding; all ranks end with bitwise-identical weights (checked).
+           gradient, and every rank applies the same optimizer step: the compiled batch engine
+           with an Allreduce as its gradient-reduce hook (parnn.engines.allreduce). Equals one
+           process with batch B up to rounding; all ranks end with bitwise-identical weights
+           (checked).
 
 Failures: set-up problems (bad flags, missing or different data on some rank) are collected from
 all ranks, rank 0 reports them and every rank exits with status 2. A rank that fails later (an
@@ -26,17 +28,16 @@ signal is cleaned up by mpiexec itself.)
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import signal
 import sys
 import time
 import traceback
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
-from parnn.engines import EpochStats
 from parnn.errors import ConfigError, ParnnError
 
 VOTES = ("soft", "hard")
@@ -86,67 +87,33 @@ def shard_indices(n, rank, size, kind="disjoint", seed=1):
     raise ConfigError(f"unknown shards {kind!r}: choose one of {', '.join(SHARDS)}")
 
 
-# --- allreduce -----------------------------------------------------------------------------------
-
-class AllreduceEngine:
-    """The engine interface (parnn.engines) for synchronous data-parallel training over `comm`.
-
-    The gradient comes from the NumPy reference (model.py): the compiled engines fuse gradient
-    and update, so they have no gradient to hand over for reduction.
-    """
-
-    name = "allreduce"
-    per_sample = False
-
-    def __init__(self, comm):
-        self.comm = comm
-        self.comm_seconds = 0.0   # inside Allreduce: transfer AND waiting for the slowest rank
-        self.calls = 0
-        self._synced = False
-
-    def check(self, spec, optimizer, batch_size):
-        return None
-
-    def _allreduce(self, buf):
-        from mpi4py import MPI
-
-        t = time.perf_counter()
-        self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)   # buffer API: no pickling
-        self.comm_seconds += time.perf_counter() - t
-        self.calls += 1
-
-    def train(self, net, opt, X, T, order, batch_size):
-        rank, size = self.comm.Get_rank(), self.comm.Get_size()
-        if not self._synced:
-            # Same seed means same init already; the broadcast makes sure of it even across
-            # machines whose NumPy draws differently.
-            self.comm.Bcast(net.params, root=0)
-            self._synced = True
-        grad = np.empty_like(net.params)
-        sums = np.zeros(3)   # loss_sum, correct, n over this rank's samples
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            part = idx[len(idx) * rank // size:len(idx) * (rank + 1) // size]
-            if len(part):
-                Tb = T[part]
-                acts = net.forward(X[part])
-                # 1/B of the GLOBAL batch: the sum over ranks is the batch's mean gradient
-                sums[0] += net.backward(acts, Tb, grad, scale=1.0 / len(idx))
-                sums[1] += np.count_nonzero(acts[-1].argmax(1) == Tb.argmax(1))
-                sums[2] += len(part)
-            else:   # a batch with fewer samples than ranks
-                grad[...] = 0
-            self._allreduce(grad)
-            opt.step(net.params, grad)
-        self._allreduce(sums)   # once per chunk, so every rank reports the global loss/accuracy
-        return EpochStats(float(sums[0]), int(sums[1]), int(sums[2]))
-
-
-def params_sha256(net):
-    return hashlib.sha256(np.ascontiguousarray(net.params).data).hexdigest()
-
-
 # --- `parnn train --distributed` ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DistributedOptions:
+    """How a distributed run spreads over the ranks, where its data comes from and where rank 0
+    writes; the training settings themselves are a TrainConfig beside it."""
+
+    mode: str                            # "ensemble" or "allreduce"
+    shards: str | None = None            # ensemble: "disjoint" (None) or "bootstrap"
+    dataset: str = "fashion-mnist"
+    data: Path | None = None             # None: parnn.data's search
+    limit_train: int | None = None
+    limit_test: int | None = None
+    out: Path | None = None              # None: runs/PRESET
+    threads: int | None = None           # per rank; None: this node's cores shared among its ranks
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ConfigError(f"unknown distributed mode {self.mode!r}: choose one of "
+                              f"{', '.join(MODES)}")
+        if self.shards is not None and self.mode != "ensemble":
+            raise ConfigError("--shards only applies to --distributed ensemble (each member's "
+                              "share of the training set)")
+        if self.shards is not None and self.shards not in SHARDS:
+            raise ConfigError(f"unknown shards {self.shards!r}: choose one of {', '.join(SHARDS)}")
+
 
 def world():
     """MPI.COMM_WORLD, importing mpi4py only now."""
@@ -158,18 +125,23 @@ def world():
     return MPI.COMM_WORLD
 
 
-def cmd_train(args, cfg, out):
-    """Run on every rank by cli.cmd_train; returns the exit status."""
+def train(cfg, opts):
+    """Train cfg (a TrainConfig) as opts (DistributedOptions) say; every rank of the MPI job
+    runs this. Returns the exit status."""
+    from parnn.run.outputs import out_dir
+
     comm = world()
     from mpi4py import MPI
 
     rank, size = comm.Get_rank(), comm.Get_size()
+    out = out_dir(cfg, opts.out)
     # Collective, so before anything that can fail on one rank only.
     local = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
     problem, fingerprint = None, None
     try:
-        cfg, ds, fail, notes = _setup(args, cfg, out, rank, size, local)
-        fingerprint = _fingerprint(args, cfg, ds)
+        fail = _fail_hook(rank)
+        cfg, ds, engine, notes = _setup(opts, cfg, out, comm, local)
+        fingerprint = _fingerprint(opts, cfg, ds)
     except ParnnError as e:
         problem = str(e)
     except Exception as e:   # a bug; still reported through the same path, so no rank hangs
@@ -182,68 +154,74 @@ def cmd_train(args, cfg, out):
 
     # flush: stdout is a pipe under mpiexec, and an Abort would lose what is still buffered
     log = functools.partial(print, flush=True) if rank == 0 else _quiet
-    progress = not args.no_progress and rank == 0
+    progress = opts.progress and rank == 0
     for note in notes:
         log(note)
     try:
-        if args.distributed == "allreduce":
-            return _train_allreduce(cfg, ds, out, comm, progress, log, fail)
-        return _train_ensemble(cfg, ds, out, comm, args.shards or "disjoint", progress, log, fail)
+        if opts.mode == "allreduce":
+            return _train_allreduce(cfg, ds, engine, out, comm, progress, log, fail)
+        return _train_ensemble(cfg, ds, engine, out, comm, opts.shards or "disjoint", progress,
+                               log, fail)
     except BaseException as err:
         if size == 1:
             raise
         _abort(comm, err)
 
 
-def _setup(args, cfg, out, rank, size, local):
-    from parnn import data as datamod
-    from parnn.run import train
+def _setup(opts, cfg, out, comm, local):
+    """This rank's config, data and engine (the one its run keeps), and notes for rank 0 to
+    print; ParnnError for anything wrong, before any training."""
+    from parnn.data import load_dataset
     from parnn.io import check_output_dir
+    from parnn.run.config import batch_size_for, pick_engine
 
+    rank, size = comm.Get_rank(), comm.Get_size()
     if rank == 0:   # only rank 0 writes: refuse an unusable --out before any training
         check_output_dir(out, "--out")
     notes = []
     if size == 1:
-        notes.append(f"parnn: --distributed {args.distributed} on 1 rank (not started by mpiexec; "
+        notes.append(f"parnn: --distributed {opts.mode} on 1 rank (not started by mpiexec; "
                      "use `mpiexec -n K parnn train ...` for K ranks)")
     cpus = os.cpu_count() or 1
-    if args.threads is None:   # the default "all cores" is per process: share them instead
-        cfg = replace(cfg, threads=max(1, cpus // local))
+    # cfg's default "all cores" is per process: unless told, the ranks of a node share them.
+    cfg = replace(cfg, threads=opts.threads or max(1, cpus // local))
     if local * cfg.threads > cpus:
         notes.append(f"warning: {local} ranks x {cfg.threads} threads = {local * cfg.threads} "
                      f"exceeds the {cpus} cores of this machine; they will slow each other down")
-    if args.distributed == "allreduce":
-        if args.shards:
-            raise ConfigError("--shards is for --distributed ensemble; allreduce trains one "
-                              "network on all the data")
-        if cfg.engine not in ("auto", "numpy"):
-            raise ConfigError(f"--distributed allreduce computes gradients with the numpy "
-                              f"engine; --engine {cfg.engine} cannot be combined with it")
-        cfg = replace(cfg, engine="numpy")
-    ds = datamod.load_dataset(args.dataset, args.data, cfg.dtype, args.limit_train, args.limit_test)
+    if opts.mode == "allreduce":
+        if cfg.engine not in ("auto", "batch"):
+            raise ConfigError(f"--distributed allreduce reduces the gradients of the batch "
+                              f"engine; --engine {cfg.engine} cannot be combined with it "
+                              "(use auto or batch)")
+        cfg = replace(cfg, engine="batch")
+    ds = load_dataset(opts.dataset, opts.data, cfg.dtype, opts.limit_train, opts.limit_test)
     n = len(ds.X_train)
-    if args.distributed == "allreduce":
-        train.validate(cfg, n)
-        bs = train.batch_size_for(cfg, n)
+    spec = cfg.spec(ds.n_features, ds.n_classes)
+    if opts.mode == "allreduce":
+        from parnn.engines.allreduce import AllreduceEngine
+
+        bs = batch_size_for(cfg, n)
         if bs < size:
             notes.append(f"warning: batch size {bs} < {size} ranks: some ranks get no samples "
                          "and only add communication")
-    elif n < size:
+        engine = AllreduceEngine(comm)
+        engine.check(spec, cfg.optimizer, bs)
+        return cfg, ds, engine, notes
+    if n < size:
         raise ConfigError(f"{n} training samples cannot be shared among {size} ranks")
-    else:   # against the smallest shard (sizes differ by at most one)
-        try:
-            train.validate(cfg, n // size)
-        except ConfigError as e:
-            raise ConfigError(f"{e}, the shard of each of the {size} ensemble members") from None
-    return cfg, ds, _fail_hook(rank), notes
+    try:   # against the smallest shard (sizes differ by at most one)
+        engine = pick_engine(cfg, spec, n // size)
+    except ConfigError as e:
+        raise ConfigError(f"{e}, the shard of each of the {size} ensemble members") from None
+    return cfg, ds, engine, notes
 
 
-def _fingerprint(args, cfg, ds):
+def _fingerprint(opts, cfg, ds):
     """What must be equal on every rank (threads may differ)."""
     import parnn
 
     settings = {k: v for k, v in cfg.to_dict().items() if k != "threads"}
-    return dict(mode=args.distributed, shards=args.shards, settings=settings,
+    return dict(mode=opts.mode, shards=opts.shards, settings=settings,
                 samples=(len(ds.X_train), len(ds.X_test)), data=ds.sha256,
                 versions=(parnn.__version__, np.__version__))
 
@@ -307,26 +285,28 @@ def _quiet(*args, **kwargs):
     pass
 
 
-def _train_allreduce(cfg, ds, out, comm, progress, log, fail):
-    from parnn.run import train
+def _train_allreduce(cfg, ds, engine, out, comm, progress, log, fail):
+    from parnn.io import params_sha256
+    from parnn.run.config import batch_size_for
+    from parnn.run.outputs import save_run
+    from parnn.run.train import fit
 
     rank, size = comm.Get_rank(), comm.Get_size()
-    engine = AllreduceEngine(comm)
     comm_at = {}   # epoch -> cumulative seconds in Allreduce after its last chunk
 
     def on_chunk(epoch, done, net, opt):
         comm_at[epoch] = engine.comm_seconds
         fail(epoch, done)
 
-    bs = train.batch_size_for(cfg, len(ds.X_train))
+    bs = batch_size_for(cfg, len(ds.X_train))
     log(f"allreduce on {size} rank(s): each batch of {bs} split among the ranks, one Allreduce "
         f"of the gradient per batch, {cfg.threads} thread(s) per rank")
-    result = train.fit(cfg, ds, progress=progress, log=log, on_chunk=on_chunk, engine=engine)
+    result = fit(cfg, ds, progress=progress, log=log, on_chunk=on_chunk, engine=engine)
     before = 0.0
     for row in result.history:
         row["comm_seconds"] = comm_at[row["epoch"]] - before
         before = comm_at[row["epoch"]]
-    digest = params_sha256(result.net)
+    digest = params_sha256(result.net.params)
     digests = comm.allgather(digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks ended with different weights: {digests}")
@@ -334,7 +314,7 @@ def _train_allreduce(cfg, ds, out, comm, progress, log, fail):
                        allreduce_calls=engine.calls, comm_seconds=engine.comm_seconds)
     if rank != 0:
         return 0
-    paths = train.save_run(out, result, ds)
+    paths = save_run(out, result, ds)
     share = engine.comm_seconds / max(sum(r["seconds"] for r in result.history), 1e-12)
     last = result.history[-1]
     print(f"weights identical on all {size} ranks (sha256 {digest[:16]}); "
@@ -345,9 +325,10 @@ def _train_allreduce(cfg, ds, out, comm, progress, log, fail):
     return 0
 
 
-def _train_ensemble(cfg, ds, out, comm, shards, progress, log, fail):
-    from parnn.run import train
+def _train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail):
     from parnn.core.model import MLP
+    from parnn.run.outputs import model_metadata
+    from parnn.run.train import fit
 
     rank, size = comm.Get_rank(), comm.Get_size()
     idx = shard_indices(len(ds.X_train), rank, size, shards, cfg.seed)
@@ -356,8 +337,8 @@ def _train_ensemble(cfg, ds, out, comm, shards, progress, log, fail):
     log(f"ensemble of {size}: rank r trains on its {shards} shard with seed {cfg.seed} + "
         f"{SEED_STRIDE}*r; showing rank 0 ({len(idx)} samples)")
     t0 = time.perf_counter()
-    result = train.fit(mcfg, shard, progress=progress, log=log,
-                       on_chunk=lambda epoch, done, net, opt: fail(epoch, done))
+    result = fit(mcfg, shard, progress=progress, log=log, engine=engine,
+                 on_chunk=lambda epoch, done, net, opt: fail(epoch, done))
     seconds = time.perf_counter() - t0
 
     # Rank 0 gathers every member's test outputs and parameters into NumPy buffers.
@@ -384,7 +365,7 @@ def _train_ensemble(cfg, ds, out, comm, shards, progress, log, fail):
     info = dict(mode="ensemble", ranks=size, shards=shards, seed_stride=SEED_STRIDE,
                 vote_in_file="soft", soft_acc=acc["soft"], hard_acc=acc["hard"],
                 wall_seconds=max(m["seconds"] for m in members))
-    meta = train.model_metadata(result, ds)
+    meta = model_metadata(result, ds)
     meta.update(config=cfg.to_dict(), distributed=info, history=rows,
                 members=[{k: v for k, v in m.items() if k != "history"} for m in members])
     paths = _save_ensemble(out, nets, meta, cfg, members, rows, size)
@@ -404,13 +385,10 @@ def _train_ensemble(cfg, ds, out, comm, shards, progress, log, fail):
 def _save_ensemble(out, nets, meta, cfg, members, rows, size):
     """model.safetensors (all members), history.json/.csv (every member's epochs) and a plot of
     the members' mean, each written atomically."""
-    from pathlib import Path
-
     from parnn import io, plots
+    from parnn.run.outputs import paths as output_paths
 
-    out = Path(out)
-    paths = {"model": out / "model.safetensors", "history_json": out / "history.json",
-             "history_csv": out / "history.csv", "plot": out / "history.png"}
+    paths = output_paths(out)
     io.save_ensemble(paths["model"], nets, meta)
     io.atomic_write_json(paths["history_json"], {"config": cfg.to_dict(),
                                                  "distributed": meta["distributed"],

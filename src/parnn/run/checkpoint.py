@@ -1,8 +1,10 @@
 """Checkpoints: a run can be stopped at any moment and carried on to the same bits.
 
 A checkpoint is a safetensors file written by io.save_checkpoint (a checksum over the arrays and
-one over the header). Arrays: "params" (the flat parameter buffer) and "optimizer.<name>" for
-each optimizer state buffer (momentum: v; Adam: m, v). The meta, JSON:
+one over the header). Arrays: "params" (the flat parameter buffer), "optimizer.<name>" for
+each optimizer state buffer (momentum: v; Adam: m, v) and, with early stopping once an epoch
+has been scored, "best.params" (the weights of the epoch with the lowest validation loss).
+The meta, JSON:
 
     {"checkpoint": 1,
      "config": TrainConfig.to_dict(), "spec": Spec.to_dict(),
@@ -12,8 +14,10 @@ each optimizer state buffer (momentum: v; Adam: m, v). The meta, JSON:
      "order_rng": {...},  # numpy bit_generator state just before epoch E's order was drawn
      "partial": {"loss_sum", "correct", "n", "seconds"},   # epoch E's sums so far
      "history": [...],    # one row per finished epoch
+     "best_epoch": B,     # early stopping: the epoch of "best.params" (null before/without it)
+     "stopped": false,    # early stopping ended the run (then it is finished before E > epochs)
      "engine": "numpy",   # the engine used ("auto" resolved): a resumed run uses the same
-     "run": {...}}        # the caller's: the CLI keeps the data's identity, --out, --checkpoint-every
+     "run": {...}}        # the caller's: `parnn train` keeps a run.resume.RunRecord here
 
 Two files per directory: checkpoint.safetensors (newest) and checkpoint.prev.safetensors. A save
 renames the newest to prev, then writes the new one atomically (temp file, fsync, rename), so at
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import shlex
 import signal
@@ -39,7 +44,8 @@ from parnn.engines import EpochStats
 from parnn.errors import ModelFileError, ParnnError
 from parnn.core.model import Spec
 from parnn.core.optim import make_optimizer
-from parnn.run.train import Position, TrainConfig, validate
+from parnn.run.config import TrainConfig
+from parnn.run.train import Position
 
 NEWEST = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.prev.safetensors"
@@ -76,11 +82,14 @@ class Checkpointer:
 
     def save(self, cfg, pos, net, opt):
         arrays = {"params": net.params, **{f"optimizer.{k}": v for k, v in opt.state().items()}}
+        if pos.best_params is not None:
+            arrays["best.params"] = pos.best_params
         meta = {"checkpoint": VERSION, "config": cfg.to_dict(), "spec": net.spec.to_dict(),
                 "epoch": pos.epoch, "done": pos.done, "step": opt.t, "order_rng": pos.order_rng,
                 "partial": {"loss_sum": pos.stats.loss_sum, "correct": pos.stats.correct,
                             "n": pos.stats.n, "seconds": pos.seconds},
-                "history": pos.history, "engine": self.engine, "run": self.run}
+                "history": pos.history, "best_epoch": pos.best_epoch, "stopped": pos.stopped,
+                "engine": self.engine, "run": self.run}
         newest = self.dir / NEWEST
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
@@ -173,7 +182,7 @@ class Checkpoint:
 
     @property
     def finished(self):
-        return self.position.epoch > self.config.epochs
+        return self.position.stopped or self.position.epoch > self.config.epochs
 
     def restore(self, net, opt, order_rng, n_train, batch_size):
         """Put the saved parameters, optimizer state and order RNG into a new run (fit calls
@@ -190,8 +199,10 @@ class Checkpoint:
                         if k.startswith("optimizer.")})
         opt.t = self.step
         order_rng.bit_generator.state = pos.order_rng
+        best = self.arrays.get("best.params")
         return dataclasses.replace(pos, stats=dataclasses.replace(pos.stats),
-                                   history=[dict(r) for r in pos.history])
+                                   history=[dict(r) for r in pos.history],
+                                   best_params=None if best is None else best.copy())
 
 
 def read(path) -> Checkpoint:
@@ -219,21 +230,22 @@ def _number(value, what):
     return float(value)
 
 
+# Settings added after checkpoints were first written, and the values that reproduce what a
+# checkpoint without them did: no validation split, no early stopping.
+LATER_SETTINGS = {"validation_split": 0.0, "early_stopping": None}
+
+
 def _parse(path, arrays, meta):
     if meta.get("checkpoint") != VERSION:
         raise ModelFileError(f"{path}: not a parnn training checkpoint (version "
                              f"{meta.get('checkpoint')!r}, expected {VERSION})")
     c = meta["config"]
     names = {f.name for f in fields(TrainConfig)}
+    if isinstance(c, dict) and names - set(c) <= set(LATER_SETTINGS):
+        c = {**LATER_SETTINGS, **c}
     if not isinstance(c, dict) or set(c) != names:
         raise ValueError("the training settings are missing or malformed")
-    for k in ("epochs", "seed", "threads"):
-        _int(c[k], k)
-    if c["batch_size"] != "full":
-        _int(c["batch_size"], "batch_size", 1)
-    _number(c["lr"], "lr"), _number(c["momentum"], "momentum")
-    cfg = TrainConfig(**{**c, "hidden": tuple(_int(h, "hidden size", 1) for h in c["hidden"])})
-    validate(cfg)
+    cfg = TrainConfig(**c)   # checks every setting's type and range (run/config.py)
     spec = io._spec(path, {"spec": meta["spec"]})
     if spec != cfg.spec(spec.sizes[0], spec.sizes[-1]):
         raise ValueError("the network spec does not match the training settings")
@@ -245,7 +257,9 @@ def _parse(path, arrays, meta):
     if not np.isfinite(params).all():
         raise ValueError("the parameters contain NaN or infinity")
     state = make_optimizer(cfg.optimizer, spec.n_params, spec.dtype, cfg.lr, cfg.momentum).state()
-    expected = {"params", *(f"optimizer.{k}" for k in state)}
+    best_epoch, stopped = meta.get("best_epoch"), meta.get("stopped", False)
+    expected = {"params", *(f"optimizer.{k}" for k in state),
+                *(["best.params"] if best_epoch is not None else [])}
     if set(arrays) != expected:
         raise ValueError(f"tensors {', '.join(sorted(arrays))}, expected {', '.join(sorted(expected))}")
     for k, v in state.items():
@@ -271,8 +285,37 @@ def _parse(path, arrays, meta):
         raise ValueError(f"engine {engine!r} is not a name")
     if not isinstance(run, dict):
         raise ValueError("'run' is not a JSON object")
-    pos = Position(epoch, done, meta["order_rng"], stats, seconds, history)
+    _check_best(cfg, history, best_epoch, stopped, arrays.get("best.params"), params)
+    pos = Position(epoch, done, meta["order_rng"], stats, seconds, history, best_epoch, None,
+                   stopped)
     return Checkpoint(path, cfg, spec, pos, _int(meta["step"], "step"), arrays, run, engine)
+
+
+def _check_best(cfg, history, best_epoch, stopped, best, params):
+    """Early stopping's state agrees with the settings and the history: best_epoch is the
+    first epoch of the lowest validation loss, and stopped only once patience ran out."""
+    if type(stopped) is not bool:
+        raise ValueError(f"stopped {stopped!r} is not true or false")
+    if best_epoch is None:
+        if stopped or (cfg.early_stopping and history):
+            raise ValueError("early stopping's best epoch is missing")
+        return
+    if not cfg.early_stopping:
+        raise ValueError("a best epoch without early stopping")
+    _int(best_epoch, "best_epoch", 1, len(history))
+    losses = [r.get("val_loss") for r in history]
+    if not all(type(v) in (int, float) for v in losses):
+        raise ValueError("the history has no validation loss for every epoch")
+    lowest, first = math.inf, None   # as run.train.watch_best: the first strictly lowest
+    for epoch, v in enumerate(losses, 1):
+        if v < lowest:
+            lowest, first = v, epoch
+    if best_epoch != first:
+        raise ValueError(f"best_epoch {best_epoch} is not the epoch of the lowest validation loss")
+    if stopped != (len(history) - best_epoch >= cfg.early_stopping):
+        raise ValueError(f"stopped is {stopped} {len(history) - best_epoch} epochs after the best")
+    if best.dtype != params.dtype or best.shape != params.shape or not np.isfinite(best).all():
+        raise ValueError("tensor 'best.params' is not a finite buffer like 'params'")
 
 
 def load(directory, warn=None) -> Checkpoint:

@@ -1,155 +1,32 @@
-"""The training loop: presets, validated settings, epochs, shuffling, evaluation, history.
+"""The training loop: epochs, shuffling, chunks, validation, early stopping, history.
 
 One plain loop (as in llm.c): for each epoch, shuffle an index order from the seed, hand it to
 the engine in chunks of whole batches (so a progress bar can move and a checkpoint can be taken
-in between), evaluate on the test set, record one history row.
+in between), score the validation set, record one history row. With early stopping it keeps the
+weights of the epoch with the lowest validation loss and stops once `early_stopping` epochs have
+passed without a lower one. The test set is scored once, at the end, on the weights returned
+(after every epoch too only when asked). The settings come checked (run/config.py), the
+validation split is carved by run/api.py, what a run saves is in run/outputs.py.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
+import math
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from parnn import __version__
-from parnn.engines import EpochStats, make_engine
+from parnn.core.model import MLP
+from parnn.core.optim import make_optimizer
+from parnn.engines import EpochStats
 from parnn.errors import ConfigError, DivergenceError
-from parnn.core.model import INITS, MLP, Spec
-from parnn.core.optim import OPTIMIZERS, make_optimizer
+from parnn.run.config import TrainConfig, batch_size_for, lr_at, pick_engine
 
-# The paper's system, faithfully, except for the init: its U[0,1) weights saturate every tanh,
-# so nothing learns (accuracy stays at 10%, see docs/PAPER.md); `--init paper` still selects it.
-PAPER = dict(hidden=(256, 128), activation="tanh", output="tanh", loss="mse", init="xavier",
-             dtype="float64", optimizer="sgd", lr=0.01, lr_schedule="constant", batch_size=1,
-             epochs=1, engine="auto")
-# A good MLP today: ReLU, softmax + cross-entropy, Adam on mini-batches, float32, and a cosine
-# decay of the learning rate over the run (measured after 15 epochs: 0.897-0.899 test accuracy
-# against 0.890-0.893 with a constant rate; numpy and batch engines, see docs/RESULTS.md).
-MODERN = dict(hidden=(256, 128), activation="relu", output="softmax", loss="cross_entropy",
-              init="he", dtype="float32", optimizer="adam", lr=1e-3, lr_schedule="cosine",
-              batch_size=128, epochs=15, engine="auto")
-LR_SCHEDULES = ("constant", "cosine")
-PRESETS = {"paper": PAPER, "modern": MODERN}
-DEFAULT_PRESET = "modern"
-
-# Which engine "auto" picks for per-sample SGD: `serial`. On an idle machine `owner` is faster
-# at 2 threads (docs/RESULTS.md, W1: 2.18 s against 2.80 s), but its spin barriers collapse when
-# another process competes for the cores (9.5 s against 3.1 s measured with a busy neighbour),
-# so it is opt-in with --engine owner.
-AUTO_PER_SAMPLE = ("serial", "numpy")
-AUTO_BATCH = ("batch", "numpy")
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    preset: str = DEFAULT_PRESET
-    hidden: tuple = MODERN["hidden"]
-    activation: str = MODERN["activation"]
-    output: str = MODERN["output"]
-    loss: str = MODERN["loss"]
-    init: str = MODERN["init"]
-    dtype: str = MODERN["dtype"]
-    optimizer: str = MODERN["optimizer"]
-    lr: float = MODERN["lr"]
-    lr_schedule: str = MODERN["lr_schedule"]
-    momentum: float = 0.9
-    batch_size: int | str = MODERN["batch_size"]   # int, or "full" for full-batch GD
-    epochs: int = MODERN["epochs"]
-    seed: int = 1
-    engine: str = "auto"
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
-
-    def spec(self, n_in=784, n_out=10):
-        return Spec((n_in, *self.hidden, n_out), self.activation, self.output, self.loss, self.dtype)
-
-    def to_dict(self):
-        d = asdict(self)
-        d["hidden"] = list(self.hidden)
-        return d
-
-
-def make_config(preset=DEFAULT_PRESET, **overrides):
-    """A preset with some settings overridden (None means 'keep the preset's'), validated."""
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = set(overrides) - known
-    if unknown:
-        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
-    values = dict(PRESETS[preset], preset=preset)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = TrainConfig(**values)
-    validate(cfg)
-    if overrides.get("momentum") is not None and cfg.optimizer != "momentum":
-        raise ConfigError(f"a momentum coefficient only applies to optimizer momentum "
-                          f"(the optimizer is {cfg.optimizer}): add --optimizer momentum "
-                          "or drop --momentum")
-    return cfg
-
-
-def validate(cfg, n_train=None):
-    """Every setting checked up front, with what was wrong and what is allowed."""
-    if not cfg.hidden or any(int(h) < 1 for h in cfg.hidden):
-        raise ConfigError(f"hidden layer sizes must be >= 1, got {list(cfg.hidden)}")
-    spec = cfg.spec()
-    if cfg.init not in INITS:
-        raise ConfigError(f"unknown init {cfg.init!r}: choose one of {', '.join(INITS)}")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"unknown optimizer {cfg.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-    if not (np.isfinite(cfg.lr) and cfg.lr > 0):
-        raise ConfigError(f"learning rate must be a number > 0, got {cfg.lr}")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ConfigError(f"unknown learning-rate schedule {cfg.lr_schedule!r}: choose one of "
-                          f"{', '.join(LR_SCHEDULES)}")
-    if not 0 <= cfg.momentum < 1:
-        raise ConfigError(f"momentum must be in [0, 1), got {cfg.momentum}")
-    if cfg.epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
-    if cfg.threads < 1:
-        raise ConfigError(f"threads must be >= 1, got {cfg.threads}")
-    if cfg.seed < 0:
-        raise ConfigError(f"seed must be an integer >= 0, got {cfg.seed}")
-    if cfg.batch_size != "full":
-        if not isinstance(cfg.batch_size, int) or cfg.batch_size < 1:
-            raise ConfigError(f"batch size must be an integer >= 1 or 'full', got {cfg.batch_size!r}")
-        if n_train is not None and cfg.batch_size > n_train:
-            raise ConfigError(f"batch size {cfg.batch_size} is larger than the training set "
-                              f"({n_train} samples)")
-    pick_engine(cfg, spec, n_train or 1)
-
-
-def lr_at(cfg, epoch):
-    """The learning rate of an epoch (1-based): constant, or cosine from lr down towards 0.
-
-    A function of the epoch alone, so a resumed run needs no extra state for it."""
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
-    return cfg.lr * 0.5 * (1.0 + np.cos(np.pi * (epoch - 1) / cfg.epochs))
-
-
-def batch_size_for(cfg, n_train):
-    return n_train if cfg.batch_size == "full" else cfg.batch_size
-
-
-def pick_engine(cfg, spec, n_train):
-    """The engine object for cfg; 'auto' = the first in the preference list that accepts it."""
-    bs = batch_size_for(cfg, n_train)
-    if cfg.engine != "auto":
-        engine = make_engine(cfg.engine)
-        engine.check(spec, cfg.optimizer, bs)
-        return engine
-    prefs = AUTO_PER_SAMPLE if bs == 1 and cfg.optimizer == "sgd" else AUTO_BATCH
-    for name in prefs:
-        try:
-            engine = make_engine(name)
-            engine.check(spec, cfg.optimizer, bs)
-            return engine
-        except ConfigError:
-            continue
-    return make_engine("numpy")
+# Still importable from here until tests/test_fuzz.py imports it from run.config; then remove.
+from parnn.run.config import make_config  # noqa: F401
 
 
 # --- threads ---------------------------------------------------------------------------------
@@ -169,15 +46,18 @@ def set_threads(n, engine):
     return threadpool_limits(limits=n, user_api="blas"), info
 
 
-# --- the loop --------------------------------------------------------------------------------
+# --- what the loop keeps ---------------------------------------------------------------------
 
 @dataclass
 class Result:
-    net: MLP
-    history: list
+    net: MLP                        # the weights returned: with early stopping, the best epoch's
+    history: list                   # one row per epoch trained (see fit)
     config: TrainConfig
     engine: str
     info: dict
+    test_acc: float | None = None   # of the weights returned; None without a test set
+    best_epoch: int | None = None   # early stopping: the epoch whose weights were returned
+    stopped: bool = False           # early stopping ended the run before cfg.epochs
 
 
 @dataclass
@@ -191,6 +71,41 @@ class Position:
     stats: EpochStats = field(default_factory=EpochStats)  # sums over those `done` samples
     seconds: float = 0.0            # training time spent on them
     history: list = field(default_factory=list)
+    # Early stopping: the epoch with the lowest validation loss so far and its weights (the
+    # epochs since then are len(history) - best_epoch), and whether patience ran out.
+    best_epoch: int | None = None
+    best_params: np.ndarray | None = None
+    stopped: bool = False
+
+
+@dataclass(frozen=True)
+class Subset:
+    """Rows of a data set: X (n, features) and y (n,) class indices; rows None = all of them.
+    It is scored in chunks of rows, so it is never copied whole."""
+
+    X: np.ndarray
+    y: np.ndarray
+    rows: np.ndarray | None = None
+
+    def __len__(self):
+        return len(self.X) if self.rows is None else len(self.rows)
+
+    def chunks(self, size):
+        for i in range(0, len(self), size):
+            which = slice(i, i + size) if self.rows is None else self.rows[i:i + size]
+            yield self.X[which], self.y[which]
+
+
+def score(net, subset, batch=4096):
+    """(mean loss, accuracy) of net on a Subset; the loss is the one it trains on."""
+    from parnn.data import one_hot
+
+    loss_sum, correct, n_out = 0.0, 0, net.spec.sizes[-1]
+    for X, y in subset.chunks(batch):
+        p = net.forward(X.astype(net.dtype, copy=False))[-1]
+        loss_sum += net.loss.value(p, one_hot(y, n_out, net.dtype))
+        correct += int(np.count_nonzero(p.argmax(axis=1) == y))
+    return loss_sum / len(subset), correct / len(subset)
 
 
 def chunk_size(engine, batch_size, n, max_chunk=None):
@@ -201,27 +116,43 @@ def chunk_size(engine, batch_size, n, max_chunk=None):
     return min(size, max_chunk) if max_chunk else size
 
 
-def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, resume=None,
-        engine=None):
-    """Train a network on data (a parnn.data.Dataset); returns a Result.
+# --- the loop --------------------------------------------------------------------------------
 
+def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, resume=None,
+        engine=None, *, rows=None, validation=None, test_every_epoch=True, on_epoch=None):
+    """Train a network on data (a parnn.data.Dataset, or anything with its X_train, y_train,
+    X_test, y_test and class_names; X_test may be None); returns a Result.
+    parnn.run.api.run_training is the way in that carves cfg.validation_split and calls this.
+
+    rows: the rows of data.X_train to train on (None: all of them).
+    validation: a Subset scored after every epoch (val_loss, val_acc in its row); early
+    stopping (cfg.early_stopping) watches its loss, so needs one.
+    test_every_epoch: score the test set after every epoch (test_acc in every row), as this
+    loop always did; if False only once, at the end, on the weights returned (test_acc in the
+    row of the epoch they are from). run_training passes False unless asked.
+    on_epoch(row) is called after each epoch's row is recorded and checkpointed.
     on_chunk(epoch, done, net, opt) is called after every engine call (tests).
     checkpoints: a parnn.run.checkpoint.Checkpointer or None. It saves after every epoch and every
     `checkpoints.every` optimizer steps, and turns SIGINT/SIGTERM into a checkpoint followed by
     checkpoint.Interrupted.
     resume: a parnn.run.checkpoint.Checkpoint to carry on from, bit for bit, instead of a new network.
-    engine: an engine object to use instead of cfg.engine's (parnn.distributed's allreduce).
+    engine: the engine object to train with (parnn.distributed's allreduce, or one picked
+    before); by default pick_engine makes the one for cfg. Either way the run keeps one engine.
     """
     from parnn.data import one_hot
 
-    n_train = len(data.X_train)
-    validate(cfg, n_train)
+    n_train = len(data.X_train) if rows is None else len(rows)
+    bs = batch_size_for(cfg, n_train)
+    if cfg.early_stopping and validation is None:
+        raise ConfigError("early stopping watches the validation loss, but there is no "
+                          "validation set: set a validation split > 0 (--validation-split)")
     spec = cfg.spec(data.X_train.shape[1], len(data.class_names))
+    engine = pick_engine(cfg, spec, n_train) if engine is None else engine
     net = MLP(spec, init=cfg.init, seed=cfg.seed)
     X = np.ascontiguousarray(data.X_train, dtype=spec.dtype)
     T = one_hot(data.y_train, spec.sizes[-1], spec.dtype)
-    bs = batch_size_for(cfg, n_train)
-    engine = pick_engine(cfg, spec, n_train) if engine is None else engine
+    test = None if data.X_test is None or not len(data.X_test) else \
+        Subset(data.X_test, data.y_test)
     opt = make_optimizer(cfg.optimizer, spec.n_params, spec.dtype, cfg.lr, cfg.momentum)
     # The shuffle has its own stream (seed + 1, as in the C reference): the order never depends
     # on how many random numbers the init drew.
@@ -244,11 +175,16 @@ def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, re
         log(f"parnn {__version__}: {spec.sizes} {spec.hidden}/{spec.output} {spec.loss} "
             f"{spec.dtype}, {cfg.optimizer} lr={cfg.lr} batch={bs}, engine {engine.name}, "
             f"{cfg.threads} thread(s), {n_train} training samples"
+            + (f", {len(validation)} validation" if validation is not None else "")
             + (f", resumed at epoch {pos.epoch} step {opt.t}" if resume is not None else ""))
         for epoch in range(pos.epoch, cfg.epochs + 1):
+            if pos.stopped:   # resumed from the checkpoint of a run early stopping ended
+                break
             # A resumed run restored this state, so it draws the same order again.
             pos.order_rng = order_rng.bit_generator.state
             order = order_rng.permutation(n_train)
+            if rows is not None:
+                order = rows[order]
             opt.lr = lr_at(cfg, epoch)
             try:
                 stats, seconds = run_epoch(engine, net, opt, X, T, order, bs, epoch, cfg,
@@ -256,20 +192,68 @@ def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, re
             except DivergenceError as e:
                 note = checkpoints.kept() if checkpoints is not None else ""
                 raise DivergenceError(f"{e}{note}") from None
-            if "threading_layer" in getattr(engine, "info", lambda: {})():
-                info["threading_layer"] = engine.info()["threading_layer"]
-            test_acc = float(np.mean(net.predict(data.X_test.astype(spec.dtype, copy=False))
-                                     == data.y_test)) if len(data.X_test) else float("nan")
-            row = dict(epoch=epoch, loss=stats.loss, train_acc=stats.accuracy, test_acc=test_acc,
-                       seconds=seconds, samples_per_s=stats.n / seconds if seconds else 0.0)
+            row = dict(epoch=epoch, loss=stats.loss, train_acc=stats.accuracy)
+            if validation is not None:
+                row["val_loss"], row["val_acc"] = score(net, validation)
+            if test is not None and test_every_epoch:
+                row["test_acc"] = score(net, test)[1]
+            row.update(seconds=seconds, samples_per_s=stats.n / seconds if seconds else 0.0)
             pos.history.append(row)
-            log(f"epoch {epoch}/{cfg.epochs}  loss {stats.loss:.4f}  train_acc {stats.accuracy:.4f}"
-                f"  test_acc {test_acc:.4f}  {seconds:.1f}s")
+            if cfg.early_stopping:
+                watch_best(cfg, pos, net, row)
+            log(epoch_line(row, cfg.epochs))
             pos.epoch, pos.done, pos.stats, pos.seconds = epoch + 1, 0, EpochStats(), 0.0
             pos.order_rng = order_rng.bit_generator.state
             if checkpoints is not None:
                 checkpoints.after_epoch(cfg, pos, net, opt)
-    return Result(net, pos.history, cfg, engine.name, info)
+            if on_epoch is not None:
+                on_epoch(row)
+        if cfg.early_stopping and pos.best_params is not None:
+            net.params[...] = pos.best_params
+            if pos.best_epoch != len(pos.history):
+                log(_best_line(pos))
+        test_acc = None
+        if test is not None:   # once, on the weights returned
+            test_acc = score(net, test)[1]
+            pos.history[(pos.best_epoch or len(pos.history)) - 1]["test_acc"] = test_acc
+    # Known once a parallel region has run (Numba's OpenMP, TBB or workqueue layer).
+    info["threading_layer"] = engine.info().get("threading_layer")
+    return Result(net, pos.history, cfg, engine.name, info, test_acc,
+                  pos.best_epoch if cfg.early_stopping else None, pos.stopped)
+
+
+def watch_best(cfg, pos, net, row):
+    """Early stopping, after an epoch's row: keep its weights if its validation loss is the
+    lowest so far (strictly: on a tie the earlier epoch stays best); stop once
+    cfg.early_stopping epochs have passed without a lower one."""
+    best = pos.history[pos.best_epoch - 1]["val_loss"] if pos.best_epoch else math.inf
+    if row["val_loss"] < best:
+        pos.best_epoch = row["epoch"]
+        if pos.best_params is None:
+            pos.best_params = net.params.copy()
+        else:
+            pos.best_params[...] = net.params
+    elif row["epoch"] - pos.best_epoch >= cfg.early_stopping:
+        pos.stopped = True
+
+
+def epoch_line(row, epochs):
+    """An epoch's row as the log shows it, with the measures it has."""
+    text = (f"epoch {row['epoch']}/{epochs}  loss {row['loss']:.4f}  "
+            f"train_acc {row['train_acc']:.4f}")
+    for k in ("val_loss", "val_acc", "test_acc"):
+        if k in row:
+            text += f"  {k} {row[k]:.4f}"
+    return f"{text}  {row['seconds']:.1f}s"
+
+
+def _best_line(pos):
+    last, best = len(pos.history), pos.history[pos.best_epoch - 1]
+    why = (f"no lower validation loss in the {last - pos.best_epoch} epochs after epoch "
+           f"{pos.best_epoch}, stopped" if pos.stopped else
+           f"epoch {pos.best_epoch} had the lowest validation loss of the {last}")
+    return (f"early stopping: {why}; keeping epoch {pos.best_epoch}'s weights "
+            f"(val_loss {best['val_loss']:.4f}, val_acc {best['val_acc']:.4f})")
 
 
 def run_epoch(engine, net, opt, X, T, order, bs, epoch, cfg, progress, on_chunk, pos=None,
@@ -310,39 +294,3 @@ def evaluate(net, X, y):
     """Predictions and accuracy of a network on (X, y)."""
     pred = net.predict(np.asarray(X, dtype=net.dtype))
     return pred, float(np.mean(pred == y))
-
-
-# --- what a run leaves behind --------------------------------------------------------------------
-
-def model_metadata(result, data):
-    """Everything needed to trust and reuse a model file, beside its spec."""
-    return {
-        "parnn_version": __version__,
-        "config": result.config.to_dict(),
-        "engine": result.engine,
-        "threads": result.info.get("threads"),
-        "threading_layer": result.info.get("threading_layer"),
-        "dataset": {"name": data.name, "sha256": data.sha256},
-        "class_names": list(data.class_names),
-        "preprocessing": {"input": "28x28 grayscale, row-major", "scale": "pixel / 255",
-                          "targets": "one-hot 0/1"},
-        "history": result.history,
-    }
-
-
-def save_run(out, result, data):
-    """model.safetensors, history.json, history.csv and history.png in `out`, each atomically."""
-    from pathlib import Path
-
-    from parnn import io, plots
-
-    out = Path(out)
-    paths = {"model": out / "model.safetensors", "history_json": out / "history.json",
-             "history_csv": out / "history.csv", "plot": out / "history.png"}
-    io.save_model(paths["model"], result.net, model_metadata(result, data))
-    io.atomic_write_json(paths["history_json"], {"config": result.config.to_dict(),
-                                                 "engine": result.engine, "info": result.info,
-                                                 "history": result.history})
-    io.atomic_write_csv(paths["history_csv"], result.history)
-    plots.plot_history(result.history, paths["plot"], title=f"parnn {result.config.preset}")
-    return paths

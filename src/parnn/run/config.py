@@ -1,0 +1,264 @@
+"""A run's settings: TrainConfig, the presets as TrainConfig instances, ONE table of what each
+setting allows, and the engine a run trains with.
+
+Every setting is checked once, where a TrainConfig is made (its __post_init__ walks
+CONSTRAINTS, as scikit-learn's `_parameter_constraints`): a TrainConfig that exists is valid,
+so nothing downstream checks it again, and `dataclasses.replace` re-checks what it changes.
+What needs the data too (a batch larger than the training set, an engine that refuses the run)
+is checked by pick_engine, which the training loop calls once per run.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+
+import numpy as np
+
+from parnn.core.model import DTYPES, HIDDEN_ACTIVATIONS, INITS, LOSSES, OUTPUT_ACTIVATIONS, Spec
+from parnn.core.optim import OPTIMIZERS
+from parnn.engines import available, make_engine
+from parnn.errors import ConfigError
+
+PRESET_NAMES = ("paper", "modern")
+DEFAULT_PRESET = "modern"
+LR_SCHEDULES = ("constant", "cosine")
+
+
+# --- what a setting allows ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OneOf:
+    """One of a few names."""
+
+    what: str
+    names: tuple
+
+    def check(self, value):
+        if not isinstance(value, str) or value not in self.names:
+            raise ConfigError(f"unknown {self.what} {value!r}: choose one of {', '.join(self.names)}")
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number of a kind (int: an integer, float: any finite number; never a bool) between
+    low and high, bounds included as `closed` says; `also` lists other values allowed."""
+
+    what: str
+    kind: type
+    low: float
+    high: float = math.inf
+    closed: str = "left"        # "left" [low, high), "neither" (low, high)
+    name_kind: bool = False     # say "an integer"/"a number" even when only the range is wrong
+    also: tuple = ()
+
+    def allows(self, value):
+        if isinstance(value, str) or value is None:
+            return value in self.also
+        return self.is_kind(value) and self.within(value)
+
+    def is_kind(self, value):
+        number = numbers.Integral if self.kind is int else numbers.Real
+        return isinstance(value, number) and not isinstance(value, bool) and math.isfinite(value)
+
+    def within(self, value):
+        above = value >= self.low if self.closed == "left" else value > self.low
+        return above and value < self.high
+
+    def text(self, value):
+        """What is allowed, e.g. 'an integer >= 1', 'in [0, 1)', 'a number > 0'."""
+        if self.high == math.inf:
+            bounds = f"{'>=' if self.closed == 'left' else '>'} {self.low}"
+        else:
+            bounds = f"in {'[' if self.closed == 'left' else '('}{self.low}, {self.high})"
+        if self.name_kind or self.also or not self.is_kind(value):
+            bounds = f"{'an integer' if self.kind is int else 'a number'} {bounds}"
+        return " or ".join([bounds, *(_ALSO_TEXT.get(a, repr(a)) for a in self.also)])
+
+    def check(self, value):
+        if not self.allows(value):
+            raise ConfigError(f"{self.what} must be {self.text(value)}, got {_show(value)}")
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """One or more integers >= 1 (the hidden layers' sizes)."""
+
+    what: str
+
+    def check(self, value):
+        if not isinstance(value, tuple) or not value:
+            raise ConfigError(f"{self.what} must be one or more integers >= 1, got {_show(value)}")
+        size = Range(self.what, int, 1)
+        for v in value:
+            if not size.allows(v):
+                raise ConfigError(f"{self.what} must be {size.text(v)}, got {_show(value)}")
+
+
+def _show(value):
+    return repr(list(value)) if isinstance(value, tuple) else repr(value)
+
+
+_ALSO_TEXT = {None: "None (off)"}
+
+
+CONSTRAINTS = {
+    "preset":      OneOf("preset", PRESET_NAMES),
+    "hidden":      Sizes("hidden layer sizes"),
+    "activation":  OneOf("hidden activation", HIDDEN_ACTIVATIONS),
+    "output":      OneOf("output activation", OUTPUT_ACTIVATIONS),
+    "loss":        OneOf("loss", LOSSES),
+    "init":        OneOf("init", INITS),
+    "dtype":       OneOf("dtype", DTYPES),
+    "optimizer":   OneOf("optimizer", OPTIMIZERS),
+    "lr":          Range("learning rate", float, 0, closed="neither", name_kind=True),
+    "lr_schedule": OneOf("learning-rate schedule", LR_SCHEDULES),
+    "momentum":    Range("momentum", float, 0, 1),
+    "batch_size":  Range("batch size", int, 1, also=("full",)),   # "full": full-batch GD
+    "epochs":      Range("epochs", int, 1),
+    "validation_split": Range("validation split", float, 0, 1, name_kind=True),
+    "early_stopping":   Range("early-stopping patience", int, 1, name_kind=True, also=(None,)),
+    "seed":        Range("seed", int, 0, name_kind=True),
+    "engine":      OneOf("engine", (*available(), "auto")),
+    "threads":     Range("threads", int, 1),
+}
+
+
+# --- the settings and the presets ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run. The defaults are the modern preset; each is checked
+    against CONSTRAINTS when the config is made."""
+
+    preset: str = "modern"
+    hidden: tuple = (256, 128)
+    activation: str = "relu"
+    output: str = "softmax"
+    loss: str = "cross_entropy"
+    init: str = "he"
+    dtype: str = "float32"
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    momentum: float = 0.9          # optimizer momentum only
+    batch_size: int | str = 128    # int, or "full" for full-batch GD
+    epochs: int = 15
+    # The fraction of the training set held out, stratified by class and drawn from the seed,
+    # to watch each epoch (0: none; parnn.run.api carves it, see validation_rows there).
+    validation_split: float = 0.1
+    # Patience: stop after this many epochs without a lower validation loss and keep the best
+    # epoch's weights (None: off).
+    early_stopping: int | None = None
+    seed: int = 1
+    engine: str = "auto"
+    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+
+    def __post_init__(self):
+        if isinstance(self.hidden, list):   # as JSON and callers may give it
+            object.__setattr__(self, "hidden", tuple(self.hidden))
+        for name, allowed in CONSTRAINTS.items():
+            allowed.check(getattr(self, name))
+        self.spec()   # and the pairs Spec refuses (cross-entropy needs a softmax output)
+
+    def spec(self, n_in=784, n_out=10):
+        return Spec((n_in, *self.hidden, n_out), self.activation, self.output, self.loss, self.dtype)
+
+    def to_dict(self):
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+
+# A good MLP today: ReLU, softmax + cross-entropy, Adam on mini-batches, float32, a cosine decay
+# of the learning rate over the run (docs/RESULTS.md, "the modern preset's learning-rate schedule").
+MODERN = TrainConfig()
+# The paper's system, faithfully, except for the init: its U[0,1) weights saturate every tanh,
+# so nothing learns (docs/PAPER.md); `--init paper` still selects it.
+PAPER = TrainConfig(preset="paper", hidden=(256, 128), activation="tanh", output="tanh",
+                    loss="mse", init="xavier", dtype="float64", optimizer="sgd", lr=0.01,
+                    lr_schedule="constant", batch_size=1, epochs=1, validation_split=0.0)
+PRESETS = {"paper": PAPER, "modern": MODERN}
+
+
+def make_config(preset=DEFAULT_PRESET, **overrides):
+    """A preset with some settings overridden (None means 'keep the preset's'), checked."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    return override(PRESETS[preset], **overrides)
+
+
+def resolve(config=None, **overrides):
+    """The config a caller means: a TrainConfig, a preset's name, or None (the default preset),
+    with some settings overridden (None means 'keep'), checked."""
+    if config is None or isinstance(config, str):
+        return make_config(config or DEFAULT_PRESET, **overrides)
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a TrainConfig or a preset name "
+                          f"({', '.join(PRESETS)}), got {type(config).__name__}")
+    return override(config, **overrides)
+
+
+def override(cfg, **overrides):
+    """cfg with some settings replaced (None means 'keep cfg's'), checked."""
+    unknown = set(overrides) - {f.name for f in fields(TrainConfig) if f.name != "preset"}
+    if unknown:
+        raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
+    given = {k: v for k, v in overrides.items() if v is not None}
+    cfg = replace(cfg, **given)
+    if "momentum" in given and cfg.optimizer != "momentum":
+        raise ConfigError(f"a momentum coefficient only applies to optimizer momentum "
+                          f"(the optimizer is {cfg.optimizer}): add --optimizer momentum "
+                          "or drop --momentum")
+    return cfg
+
+
+def lr_at(cfg, epoch):
+    """The learning rate of an epoch (1-based): constant, or cosine from lr down towards 0.
+
+    A function of the epoch alone, so a resumed run needs no extra state for it."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    return cfg.lr * 0.5 * (1.0 + np.cos(np.pi * (epoch - 1) / cfg.epochs))
+
+
+# --- with the data: the batch size and the engine ------------------------------------------------
+
+def batch_size_for(cfg, n_train, held_out=0):
+    """Samples per optimizer step on a training set of n_train samples (held_out: how many the
+    validation split set aside, for the message)."""
+    if cfg.batch_size == "full":
+        return n_train
+    if cfg.batch_size > n_train:
+        aside = f" after {held_out} set aside for validation" if held_out else ""
+        raise ConfigError(f"batch size {cfg.batch_size} is larger than the training set "
+                          f"({n_train} samples{aside})")
+    return cfg.batch_size
+
+
+# What "auto" tries, in order, until one accepts the run. For per-sample SGD: `serial`, not the
+# faster-when-idle `owner`, whose spin barriers collapse when another process competes for the
+# cores (docs/ENGINES.md, "What --engine auto picks"); `--engine owner` opts in.
+AUTO_PER_SAMPLE = ("serial", "numpy")
+AUTO_BATCH = ("batch", "numpy")
+
+
+def pick_engine(cfg, spec, n_train):
+    """A new engine object for this run, checked to accept it: cfg.engine, or for "auto" the
+    first of the preferences that does. The run keeps it (fit picks once, or is handed one)."""
+    bs = batch_size_for(cfg, n_train)
+    if cfg.engine != "auto":
+        engine = make_engine(cfg.engine)
+        engine.check(spec, cfg.optimizer, bs)
+        return engine
+    prefs = AUTO_PER_SAMPLE if bs == 1 and cfg.optimizer == "sgd" else AUTO_BATCH
+    for name in prefs:
+        try:
+            engine = make_engine(name)
+            engine.check(spec, cfg.optimizer, bs)
+            return engine
+        except ConfigError:
+            continue
+    return make_engine("numpy")

@@ -1,0 +1,110 @@
+"""A run as `parnn train` makes it, from options to saved files.
+
+    start(cfg, opts)                   a new run: check where files go, load the data, train
+    resume(directory, opts, settings)  carry on from the checkpoint in directory (run/resume.py)
+
+Both train through parnn.run.api.run_training (the path parnn.train takes too), checkpoint as
+they go (run/checkpoint.py), write history.csv a row per epoch and save what a run saves
+(run/outputs.py), and return (Result, {name: path of each file}). Every refusal is a ParnnError
+saying why, raised before anything is trained or written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from parnn.errors import ConfigError, ParnnError
+from parnn.io import check_output_dir
+from parnn.run import api, checkpoint, outputs
+from parnn.run.resume import RunRecord, recorded_data, refuse_unfinished, resumed_config
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """Where a run's data comes from and where its files go: nothing that changes the result."""
+
+    dataset: str | None = None            # None: fashion-mnist (resume: the checkpoint's)
+    data: Path | None = None              # None: parnn.data's search (resume: where it was)
+    limit_train: int | None = None        # train on the first N samples only
+    limit_test: int | None = None
+    out: Path | None = None               # None: runs/PRESET (resume: the checkpoint's)
+    checkpoint_dir: Path | None = None    # None: OUT/checkpoints
+    checkpoint_every: int | None = None   # optimizer steps; None: after every epoch only
+    progress: bool = True
+    test_every_epoch: bool = False        # score the test set after each epoch, not only at the end
+
+    def __post_init__(self):
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ConfigError(f"--checkpoint-every must be >= 1 (optimizer steps), "
+                              f"got {self.checkpoint_every}")
+
+
+def start(cfg, opts, log=print):
+    """A new run of cfg (a checked TrainConfig)."""
+    from parnn.data import load_dataset
+
+    out = outputs.out_dir(cfg, opts.out)
+    ckdir = opts.checkpoint_dir or out / "checkpoints"
+    check_output_dir(out, "--out")
+    check_output_dir(ckdir, "--checkpoint-dir")
+    refuse_unfinished(ckdir)
+    ds = load_dataset(opts.dataset or "fashion-mnist", opts.data, cfg.dtype, opts.limit_train,
+                      opts.limit_test)
+    record = RunRecord.of(ds, opts.limit_train, opts.limit_test, out, opts.checkpoint_every)
+    return _train_and_save(cfg, ds, out, ckdir, record, None, opts, log)
+
+
+def resume(directory, opts, settings, warn=None, log=print):
+    """Carry on the run whose checkpoints are in directory (or directory/checkpoints).
+
+    settings: TrainConfig settings given again (None: not given); KEPT_ON_RESUME ones must
+    repeat the saved values, epochs and threads may change. warn(message) hears of a damaged
+    newest checkpoint that was passed over for the previous one."""
+    ck, record, cfg = resumed(directory, opts, settings, warn)
+    out = Path(opts.out or record.out)
+    check_output_dir(out, "--out")
+    check_output_dir(ck.path.parent, "--resume")
+    ds = recorded_data(record, opts.data, cfg.dtype)   # the data may have moved (--data)
+    record = replace(record, out=str(out.absolute()),
+                     checkpoint_every=opts.checkpoint_every or record.checkpoint_every)
+    return _train_and_save(cfg, ds, out, ck.path.parent, record, ck, opts, log)
+
+
+def resumed(directory, opts, settings, warn=None):
+    """(checkpoint, its RunRecord, the config the resumed run trains with), checked: what
+    resume() carries on, and what `parnn train --resume DIR --show-config` shows."""
+    if opts.checkpoint_dir is not None:
+        raise ConfigError("--checkpoint-dir cannot be combined with --resume: a resumed run "
+                          "goes on writing its checkpoints into the --resume directory")
+    ck = checkpoint.load(directory, warn=warn)
+    record = RunRecord.of_checkpoint(ck)
+    given = dict(settings, dataset=opts.dataset, limit_train=opts.limit_train,
+                 limit_test=opts.limit_test)
+    return ck, record, resumed_config(ck, record, given)
+
+
+def _train_and_save(cfg, ds, out, ckdir, record, resume_from, opts, log):
+    checkpoints = checkpoint.Checkpointer(ckdir, record.checkpoint_every, record.to_dict())
+    rows = resume_from.position.history if resume_from is not None else ()
+    live = outputs.LiveHistory(outputs.paths(out)["history_csv"], rows, test=True)
+
+    def on_epoch(row):   # after the epoch's checkpoint: a failure here loses nothing
+        try:
+            live.append(row)
+        except OSError as e:
+            raise ParnnError(f"{live.path}: cannot write the history ({e.strerror or e}); "
+                             f"fix that and run `{checkpoint.resume_command(ckdir)}`") from None
+
+    result = api.run_training(cfg, ds, progress=opts.progress, log=log, checkpoints=checkpoints,
+                              resume=resume_from, on_epoch=on_epoch,
+                              test_every_epoch=opts.test_every_epoch)
+    # Only the data's identity goes into the files: free its arrays before matplotlib loads for
+    # the plot, or that moment sets the run's peak memory (docs/ROBUSTNESS.md).
+    ds.X_train = ds.X_test = None
+    try:
+        return result, outputs.save_run(out, result, ds)
+    except OSError as e:
+        raise ParnnError(f"{out}: cannot write the results ({e.strerror or e}); the trained "
+                         f"network is in the checkpoint: fix that and run "
+                         f"`{checkpoint.resume_command(ckdir)}`") from None
