@@ -1,6 +1,5 @@
-"""The batch engine against the NumPy reference engine."""
+"""The batch engine against the NumPy reference engine, and its gradient-reduce hook."""
 
-import numba
 import numpy as np
 import pytest
 
@@ -28,29 +27,67 @@ def test_batch_engine_matches_numpy(optimizer, combo, dtype):
 def test_batch_engine_full_batch_and_batch_of_one(dtype):
     spec = Spec(SIZES, "relu", "softmax", "cross_entropy", dtype)
     X, T, order = synthetic(spec, 300)
-    for _ in range(3):                            # full batch: several Adam steps on all of X
-        assert_close_to_numpy("batch", spec, X, T, order, TOL_STEP[dtype], batch_size=300,
-                              optimizer="adam", lr=0.01)
+    # full batch: three Adam steps on all of X, the same net carried on from step to step
+    # (the batch engine uses X as it is, numpy gathers it in the shuffled order)
+    three_epochs = np.concatenate([order, order[::-1], order])
+    assert_close_to_numpy("batch", spec, X, T, three_epochs, TOL_EPOCH[dtype], batch_size=300,
+                          optimizer="adam", lr=0.01)
+    net, opt, _ = train("batch", spec, X, T, three_epochs, batch_size=300, optimizer="adam",
+                        lr=0.01)
+    assert opt.t == 3
     assert_close_to_numpy("batch", spec, X, T, order[:50], TOL_EPOCH[dtype], batch_size=1,
                           optimizer="adam", lr=0.01)
 
 
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-def test_batch_engine_fused_adam_is_bitwise_optim_adam(dtype):
-    from parnn.engines.batch import optimizer_step
-    from parnn.core.optim import Adam
-    rng = np.random.default_rng(0)
-    p0 = rng.standard_normal(1001).astype(dtype)
-    ref, fused = Adam(1001, dtype, 1e-3), Adam(1001, dtype, 1e-3)
-    pr, pf = p0.copy(), p0.copy()
-    numba.set_num_threads(2)
-    for _ in range(5):
-        g = rng.standard_normal(1001).astype(dtype)
-        ref.step(pr, g)
-        optimizer_step(fused, pf, g)
-    assert fused.t == ref.t
-    for a, b in ((pf, pr), (fused.m, ref.m), (fused.v, ref.v)):
-        assert np.array_equal(a, b)
+class Doubling:
+    """A gradient-reduce hook standing in for MPI: this process computes the whole batch, and
+    the 'sum over processes' doubles the gradient (as two identical ranks would)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def part(self, idx):
+        return idx
+
+    def reduce(self, grad):
+        self.calls += 1
+        grad *= 2
+
+
+class Idle(Doubling):
+    """This process's part of every batch is empty (a batch smaller than the ranks)."""
+
+    def part(self, idx):
+        return idx[:0]
+
+
+def test_batch_engine_reduces_the_gradient_before_each_step():
+    spec = Spec(SIZES, "tanh", "tanh", "mse", "float64")
+    X, T, order = synthetic(spec, 100)
+    hook = Doubling()
+    net, opt = MLP(spec, seed=0), make_optimizer("sgd", spec.n_params, spec.dtype, 0.05)
+    stats = make_engine("batch", reducer=hook).train(net, opt, X, T, order, 16)
+    # lr * (2 g) == (2 lr) * g exactly: doubling is exact in floating point
+    ref, ref_opt, ref_stats = train("batch", spec, X, T, order, optimizer="sgd", lr=0.1,
+                                    batch_size=16)
+    assert hook.calls == opt.t == 7                      # 6 batches of 16 and one of 4
+    assert np.array_equal(net.params, ref.params)
+    assert (stats.loss_sum, stats.correct, stats.n) == \
+        (ref_stats.loss_sum, ref_stats.correct, ref_stats.n)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+def test_batch_engine_with_an_empty_part_adds_a_zero_gradient(optimizer):
+    spec = Spec(SIZES, "relu", "softmax", "cross_entropy", "float32")
+    X, T, order = synthetic(spec, 10)
+    net = MLP(spec, seed=0)
+    before = net.params.copy()
+    opt = make_optimizer(optimizer, spec.n_params, spec.dtype, 0.1)
+    hook = Idle()
+    stats = make_engine("batch", reducer=hook).train(net, opt, X, T, order, 4)
+    assert (stats.loss_sum, stats.correct, stats.n) == (0.0, 0, 0)
+    assert hook.calls == opt.t == 3                      # every rank steps, idle or not
+    assert np.array_equal(net.params, before)            # a zero mean gradient moves nothing
 
 
 def test_batch_engine_refusals():

@@ -3,8 +3,9 @@ import itertools
 import numpy as np
 import pytest
 
-from parnn.errors import ConfigError
+from parnn.core.layers import ACTIVATIONS, DERIVATIVES, Dense, param_views
 from parnn.core.model import MLP, Spec, init_params, views
+from parnn.errors import ConfigError
 
 COMBOS = [(h, o, l) for h, o, l in itertools.product(("tanh", "sigmoid", "relu"),
                                                       ("tanh", "sigmoid", "softmax"),
@@ -41,6 +42,60 @@ def test_gradient_matches_central_differences(hidden, output, loss):
         net.params[i] = old
         numeric[i] = (up - down) / (2 * h)
     np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_each_derivative_matches_central_differences_of_its_activation(name):
+    """DERIVATIVES[name](A, delta) = delta times the Jacobian of ACTIVATIONS[name] at z, from the
+    output A alone (softmax's Jacobian is symmetric, so rows of J delta = J^T delta)."""
+    rng = np.random.default_rng(0)
+    z = rng.uniform(-2, 2, (4, 5))
+    z[np.abs(z) < 0.1] = 0.5                  # keep relu away from its kink
+    delta = rng.standard_normal(z.shape)
+    got = DERIVATIVES[name](ACTIVATIONS[name](z.copy()), delta.copy())
+    h = 1e-6
+    numeric = np.zeros_like(z)
+    for j in range(z.shape[1]):
+        up, down = z.copy(), z.copy()
+        up[:, j] += h
+        down[:, j] -= h
+        dA = (ACTIVATIONS[name](up) - ACTIVATIONS[name](down)) / (2 * h)   # column j of J
+        numeric[:, j] = np.einsum("ij,ij->i", dA, delta)
+    np.testing.assert_allclose(got, numeric, rtol=1e-6, atol=1e-9)
+
+
+def test_network_is_a_walk_over_dense_layers_on_the_flat_buffer():
+    spec = Spec((6, 5, 4, 3), "relu", "softmax", "cross_entropy")
+    net = MLP(spec)
+    assert [(l.n_in, l.n_out, l.activation) for l in net.layers] == \
+        [(6, 5, "relu"), (5, 4, "relu"), (4, 3, "identity")]
+    assert all(isinstance(l, Dense) for l in net.layers)
+    assert sum(l.n_params for l in net.layers) == spec.n_params
+    for (W, b), W2, b2 in zip(param_views(net.layers, net.params), net.W, net.b):
+        assert np.shares_memory(W, net.params) and np.array_equal(W, W2) and np.array_equal(b, b2)
+    with pytest.raises(ValueError, match="expected"):
+        param_views(net.layers, np.zeros(spec.n_params + 1))
+
+
+@pytest.mark.parametrize("hidden,output,loss", COMBOS[:3] + COMBOS[-1:])
+def test_forward_and_backward_into_preallocated_buffers(hidden, output, loss):
+    """An engine's workspace: the same bits as allocating, written into the given buffers."""
+    spec = Spec((6, 5, 4, 3), hidden, output, loss, "float32")
+    net = MLP(spec, seed=2)
+    X, T = (a.astype(np.float32) for a in tiny_batch(spec, B=7))
+    acts = net.forward(X)
+    grad = np.empty_like(net.params)
+    loss_value = net.backward(acts, T, grad)
+
+    out = [np.full((7, n), np.nan, np.float32) for n in spec.sizes[1:]]
+    deltas = [np.full((7, n), np.nan, np.float32) for n in spec.sizes[1:]]
+    acts2 = net.forward(X, out=out)
+    assert all(a is o for a, o in zip(acts2[1:], out))
+    grad2 = np.full_like(net.params, np.nan)
+    assert net.backward(acts2, T, grad2, deltas=deltas) == loss_value
+    assert np.array_equal(grad2, grad)
+    for a, a2 in zip(acts, acts2):
+        assert np.array_equal(a, a2)
 
 
 def test_flat_buffer_views_share_memory():

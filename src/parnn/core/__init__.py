@@ -1,5 +1,12 @@
-"""core: the readable math. A Spec, the ONE flat parameter buffer with per-layer views, each layer
-kind's forward/backward side by side, losses and optimizers (one step on flat buffers).
+"""core: the readable math, written once.
 
-Imports nothing of parnn but parnn.errors: every other ring builds on this one.
+    model.py   Spec, the ONE flat parameter buffer and its per-layer views, the network (MLP):
+               a walk over its layers, then the output activation and loss
+    layers.py  layer kinds (Dense), each with its forward and backward side by side, over its
+               slice of the flat buffer; the activations and their derivatives
+    losses.py  each loss's value and output delta side by side
+    optim.py   optimizers, one step on flat buffers (Adam's is one pass compiled by Numba)
+
+Imports nothing of parnn but parnn.errors: every other ring builds on this one. Numba is imported
+only when Adam first steps, so `import parnn.core` stays light.
 """

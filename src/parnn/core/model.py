@@ -1,31 +1,21 @@
-"""The multilayer perceptron, written once in plain NumPy: the readable reference.
+"""The network: a Spec, ONE flat parameter buffer, and a walk over its layers.
 
-Every parameter lives in ONE contiguous flat buffer; each layer's weights and biases are views
-into it. Gradients use a second buffer with the same layout. Engines, optimizers, MPI allreduce
-and checkpoints therefore all handle a single array.
-
-Layout of the flat buffer, layer after layer (l = 0 .. L-1, n_in = sizes[l], n_out = sizes[l+1]):
+Every parameter lives in ONE contiguous flat buffer; each layer's arrays are views into it.
+Gradients use a second buffer with the same layout. Engines, optimizers, MPI allreduce and
+checkpoints therefore all handle a single array. Layout, layer after layer (l = 0 .. L-1,
+n_in = sizes[l], n_out = sizes[l+1]):
 
     [ W_0 (n_out x n_in, row-major: row j = the weights of neuron j) | b_0 (n_out) | W_1 | b_1 | ... ]
 
-Row j of W holds neuron j's incoming weights, as in the paper's `weights_jk`.
+The network is the list of layer objects of parnn.core.layers (each kind's forward and backward
+side by side) followed by the output activation and loss of parnn.core.losses. B = samples:
 
-Math conventions (B = samples in the batch):
-    forward   z = a_prev @ W.T + b          (B, n_out)
-              a = act(z)
-    loss      mse:            L = 1/B * sum_samples 0.5 * sum_j (a_j - t_j)^2
+    forward   a_0 = X;  a_{l+1} = layer_l.forward(a_l)      hidden layers: act(a_l @ W.T + b)
+              p = output(a_L)                              the last layer is linear
+    loss      mse:            L = 1/B * sum_samples 0.5 * sum_j (p_j - t_j)^2
               cross_entropy:  L = 1/B * sum_samples -sum_j t_j log p_j    (softmax output only)
-    backward  delta = dL/dz                  (B, n_out)
-              dW = delta.T @ a_prev          (n_out, n_in)
-              db = delta.sum(0)
-              delta_prev = (delta @ W) * act'(a_prev)
-
-The 0.5 in the MSE makes dL/da = (a - t), the error the paper's Algorithm 2 uses
-(`mse_der`), so lr means the same thing as in the paper and the C reference.
-
-The paper's Algorithm 4 updates `weights_jk += prev_layer_err_k * error_j * lr`: it multiplies by
-the previous layer's *error*. Back-propagation needs the previous layer's *activation*
-(dL/dW_jk = delta_j * a_prev_k); we implement the correct update (see docs/PAPER.md).
+    backward  delta = dL/dz of the output (losses.py), then each layer from the last: its
+              gradient into the flat gradient buffer, and dL/d(its input) for the one below
 """
 
 from __future__ import annotations
@@ -34,97 +24,15 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from parnn.core.layers import ACTIVATIONS, Dense, param_views
+from parnn.core.losses import LOSSES as LOSS_KINDS
 from parnn.errors import ConfigError
 
 HIDDEN_ACTIVATIONS = ("tanh", "sigmoid", "relu")
 OUTPUT_ACTIVATIONS = ("tanh", "sigmoid", "softmax")
-LOSSES = ("mse", "cross_entropy")
+LOSSES = tuple(LOSS_KINDS)
 INITS = ("paper", "xavier", "he")
 DTYPES = ("float32", "float64")
-
-
-# --- activations: forward and backward side by side ----------------------------------------
-# Each backward takes the activation's OUTPUT a (not z): the derivative of all three can be
-# written from a, so the forward pass only has to keep the activations.
-
-def tanh_forward(z, out=None):
-    return np.tanh(z, out=out)
-
-
-def tanh_backward(a, da):
-    """da * (1 - a^2), in place on da."""
-    da *= 1.0 - a * a
-    return da
-
-
-def sigmoid_forward(z, out=None):
-    # 0.5 * (1 + tanh(z/2)) is the logistic function without overflow in exp(-z).
-    out = np.multiply(z, 0.5, out=out)
-    np.tanh(out, out=out)
-    out += 1.0
-    out *= 0.5
-    return out
-
-
-def sigmoid_backward(a, da):
-    da *= a * (1.0 - a)
-    return da
-
-
-def relu_forward(z, out=None):
-    return np.maximum(z, 0.0, out=out)
-
-
-def relu_backward(a, da):
-    da *= a > 0
-    return da
-
-
-def softmax_forward(z, out=None):
-    out = np.subtract(z, z.max(axis=1, keepdims=True), out=out)
-    np.exp(out, out=out)
-    out /= out.sum(axis=1, keepdims=True)
-    return out
-
-
-def softmax_backward(a, da):
-    """Jacobian-vector product of softmax: a * (da - sum(da * a))."""
-    s = np.einsum("ij,ij->i", da, a)[:, None]
-    da -= s
-    da *= a
-    return da
-
-
-FORWARD = {"tanh": tanh_forward, "sigmoid": sigmoid_forward, "relu": relu_forward,
-           "softmax": softmax_forward}
-BACKWARD = {"tanh": tanh_backward, "sigmoid": sigmoid_backward, "relu": relu_backward,
-            "softmax": softmax_backward}
-
-
-# --- losses: value and gradient side by side -----------------------------------------------
-
-def loss_value(out, Y, loss):
-    """Sum over the batch (callers divide by B when they want the mean)."""
-    if loss == "mse":
-        d = out - Y
-        return 0.5 * float(np.einsum("ij,ij->", d, d))
-    tiny = np.finfo(out.dtype).tiny
-    return -float(np.einsum("ij,ij->", Y, np.log(np.maximum(out, tiny))))
-
-
-def output_delta(out, Y, output, loss, scale, delta=None):
-    """dL/dz of the output layer, times `scale` (1/B for a mean over the batch).
-
-    softmax + cross-entropy collapses to p - t; every other pair goes through dL/da then the
-    output activation's backward.
-    """
-    delta = np.subtract(out, Y, out=delta)
-    if not (output == "softmax" and loss == "cross_entropy"):
-        if loss == "cross_entropy":  # pragma: no cover - Spec.validate refuses this
-            raise ConfigError("cross_entropy needs the softmax output")
-        BACKWARD[output](out, delta)
-    delta *= scale
-    return delta
 
 
 # --- architecture --------------------------------------------------------------------------
@@ -179,6 +87,12 @@ class Spec:
     def n_params(self):
         return self.offsets()[1]
 
+    def layers(self):
+        """The network as layer objects: Dense layers with the hidden activation, the last one
+        linear (its output activation goes with the loss, see parnn.core.losses)."""
+        return [Dense(n_in, n_out, self.hidden if l < self.n_layers - 1 else "identity")
+                for l, (n_out, n_in) in enumerate(self.shapes())]
+
     def to_dict(self):
         d = asdict(self)
         d["sizes"] = list(self.sizes)
@@ -192,14 +106,8 @@ def _choice(what, value, allowed):
 
 def views(spec, flat):
     """Per-layer (W, b) views into a flat buffer of spec's layout. No copies."""
-    if flat.shape != (spec.n_params,):
-        raise ValueError(f"flat buffer has shape {flat.shape}, expected ({spec.n_params},)")
-    starts, _ = spec.offsets()
-    Ws, bs = [], []
-    for (w0, b0), (n_out, n_in) in zip(starts, spec.shapes()):
-        Ws.append(flat[w0:b0].reshape(n_out, n_in))
-        bs.append(flat[b0:b0 + n_out])
-    return Ws, bs
+    Ws, bs = zip(*param_views(spec.layers(), flat))
+    return list(Ws), list(bs)
 
 
 def init_params(spec, scheme="xavier", seed=0):
@@ -230,46 +138,62 @@ def init_params(spec, scheme="xavier", seed=0):
 # --- the network ---------------------------------------------------------------------------
 
 class MLP:
-    """A network = a Spec + one flat parameter buffer (W, b are views into it)."""
+    """A network = a Spec + one flat parameter buffer: its layer objects (spec.layers()), each
+    with its (W, b) views into the buffer, then the output activation and the loss."""
 
     def __init__(self, spec, params=None, init="xavier", seed=0):
         self.spec = spec
         self.params = init_params(spec, init, seed) if params is None else params
         if self.params.dtype != np.dtype(spec.dtype) or not self.params.flags.c_contiguous:
             raise ValueError("params must be a contiguous buffer of the spec's dtype")
-        self.W, self.b = views(spec, self.params)
+        self.layers = spec.layers()
+        self.layer_params = param_views(self.layers, self.params)   # each layer's (W, b)
+        self.W, self.b = [p[0] for p in self.layer_params], [p[1] for p in self.layer_params]
+        self.loss = LOSS_KINDS[spec.loss]
+        self._grad = (None, None)                          # the last gradient buffer, its views
 
     @property
     def dtype(self):
         return self.params.dtype
 
-    def forward(self, X):
-        """Activations of every layer, input first: [X, a_1, ..., a_L]."""
+    def forward(self, X, out=None):
+        """Activations of every layer, input first: [X, a_1, ..., a_L], a_L the output layer.
+
+        out: None, or one preallocated buffer per layer, (B, *layer.out_shape), to fill
+        instead of allocating (an engine's workspace).
+        """
         acts = [X]
-        for l, (W, b) in enumerate(zip(self.W, self.b)):
-            z = acts[-1] @ W.T            # (B, n_in) @ (n_in, n_out)
-            z += b
-            acts.append(FORWARD[self.spec.activation(l)](z, out=z))
+        for l, (layer, p) in enumerate(zip(self.layers, self.layer_params)):
+            acts.append(layer.forward(p, acts[-1], None if out is None else out[l]))
+        ACTIVATIONS[self.spec.output](acts[-1])             # p = output(z), over z
         return acts
 
-    def backward(self, acts, Y, grad, scale=None):
+    def backward(self, acts, Y, grad, scale=None, deltas=None):
         """Fill the flat `grad` buffer with dL/dparams for the batch; return the summed loss.
 
-        scale defaults to 1/B (the mean loss); engines pass other scales when they split a batch.
+        scale defaults to 1/B (the mean loss); engines pass other scales when they split a
+        batch. deltas: None, or one preallocated scratch buffer per layer, shaped like `out`
+        in forward, for the deltas.
         """
         B = len(Y)
         scale = 1.0 / B if scale is None else scale
-        out = acts[-1]
-        loss = loss_value(out, Y, self.spec.loss)
-        gW, gb = views(self.spec, grad)
-        delta = output_delta(out, Y, self.spec.output, self.spec.loss, scale)
-        for l in reversed(range(self.spec.n_layers)):
-            np.matmul(delta.T, acts[l], out=gW[l])        # (n_out, B) @ (B, n_in)
-            np.sum(delta, axis=0, out=gb[l])
-            if l > 0:
-                delta = delta @ self.W[l]                  # (B, n_out) @ (n_out, n_in)
-                BACKWARD[self.spec.hidden](acts[l], delta)
+        p_out = acts[-1]
+        loss = self.loss.value(p_out, Y)
+        g = self._grad_views(grad)
+        L = len(self.layers)
+        dy = self.loss.delta(p_out, Y, self.spec.output, None if deltas is None else deltas[-1])
+        dy *= scale
+        for l in reversed(range(L)):
+            dx = None if deltas is None or l == 0 else deltas[l - 1]
+            dy = self.layers[l].backward(self.layer_params[l], acts[l], acts[l + 1], dy, g[l],
+                                         dx, propagate=l > 0)
         return loss
+
+    def _grad_views(self, grad):
+        """Per-layer views of `grad`, made once for an engine that passes the same buffer."""
+        if self._grad[0] is not grad:
+            self._grad = (grad, param_views(self.layers, grad))
+        return self._grad[1]
 
     def output(self, X, batch=4096):
         """The output layer for X, in chunks so a test set needs little memory."""

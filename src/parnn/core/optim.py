@@ -5,6 +5,8 @@ Their state is flat buffers too, so a checkpoint is a handful of arrays.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from parnn.errors import ConfigError
@@ -60,7 +62,16 @@ class Momentum(SGD):
 
 
 class Adam(SGD):
-    """Adam (Kingma & Ba 2015) with bias correction."""
+    """Adam (Kingma & Ba 2015) with bias correction:
+
+        m = beta1 m + (1 - beta1) g        v = beta2 v + (1 - beta2) g^2
+        m_hat = m / (1 - beta1^t)          v_hat = v / (1 - beta2^t)
+        params -= lr m_hat / (sqrt(v_hat) + eps)
+
+    with the corrections folded into one step size and epsilon:
+        params -= lr_t m / (sqrt(v) + eps_t),   lr_t = lr sqrt(1 - beta2^t) / (1 - beta1^t),
+                                                eps_t = eps sqrt(1 - beta2^t)
+    """
 
     name = "adam"
 
@@ -69,25 +80,15 @@ class Adam(SGD):
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
         self.m = np.zeros(n, dtype)
         self.v = np.zeros(n, dtype)
-        self._tmp = np.zeros(n, dtype)
 
     def step(self, params, grad):
         self.t += 1
-        b1, b2 = self.beta1, self.beta2
-        self.m *= b1
-        self.m += (1 - b1) * grad
-        self.v *= b2
-        np.multiply(grad, grad, out=self._tmp)
-        self._tmp *= 1 - b2
-        self.v += self._tmp
-        # params -= lr_t * m / (sqrt(v) + eps_t), with the bias corrections folded into lr_t, eps_t
-        lr_t = self.lr * np.sqrt(1 - b2 ** self.t) / (1 - b1 ** self.t)
-        eps_t = self.eps * np.sqrt(1 - b2 ** self.t)
-        np.sqrt(self.v, out=self._tmp)
-        self._tmp += eps_t
-        np.divide(self.m, self._tmp, out=self._tmp)
-        self._tmp *= lr_t
-        params -= self._tmp
+        b1, b2, t = self.beta1, self.beta2, self.t
+        lr_t = self.lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        eps_t = self.eps * np.sqrt(1 - b2 ** t)
+        f = params.dtype.type
+        adam_kernel()(params, grad, self.m, self.v, f(b1), f(1 - b1), f(b2), f(1 - b2),
+                      float(eps_t), float(lr_t))
 
     def state(self):
         return {"m": self.m, "v": self.v}
@@ -95,6 +96,36 @@ class Adam(SGD):
     def load_state(self, state):
         self.m[...] = state["m"]
         self.v[...] = state["v"]
+
+
+def adam_update(p, g, m, v, b1, c1, b2, c2, eps_t, lr_t):
+    """Adam.step's update in ONE pass over the parameters, compiled by Numba (adam_kernel):
+    a dozen NumPy passes over every parameter cost several times more (docs/ENGINES.md).
+
+    b1, c1 = beta1, 1 - beta1 and b2, c2 come in the arrays' dtype; eps_t and lr_t in float64.
+    Numba computes float32 op float64 in float64, so the casts round the two steps that use
+    them back to the arrays' dtype (the same bits as the NumPy step this pass replaced).
+    """
+    for i in range(p.shape[0]):
+        gi = g[i]
+        mi = m[i] * b1 + c1 * gi
+        vi = v[i] * b2 + (gi * gi) * c2
+        m[i] = mi
+        v[i] = vi
+        den = v.dtype.type(np.sqrt(vi) + eps_t)
+        p[i] = p[i] - v.dtype.type((mi / den) * lr_t)
+
+
+@functools.cache
+def adam_kernel():
+    """adam_update compiled, on the first Adam step: `import parnn.core` does not import Numba.
+
+    Not parallel on purpose: a Numba (OpenMP) parallel region between BLAS calls leaves two
+    spinning thread pools fighting over the cores. error_model="numpy" drops the check for a
+    division by zero, which would stop LLVM from vectorizing the loop (sqrt(v) + eps_t > 0).
+    """
+    from numba import njit
+    return njit(cache=True, error_model="numpy")(adam_update)
 
 
 def make_optimizer(name, n, dtype, lr, momentum=0.9):

@@ -1,149 +1,72 @@
-"""Mini-batch and full-batch training: BLAS for the matrix products, small Numba loops for the
-elementwise parts, any optimizer from optim.py. The fast path for the modern preset.
+"""Mini-batch and full-batch training: the network's own forward and backward (parnn.core) run
+into a workspace allocated once, BLAS for the matrix products, any optimizer of parnn.core.optim.
+The fast path of the modern preset.
 
-Per batch of B samples (model.py's math, the same as the numpy engine, written into buffers
-allocated once per (network, batch size, dtype) instead of per batch):
+Per batch of B samples:
 
-    forward   Z_l = A_l @ W_l.T      sgemm/dgemm into a preallocated (B, n_out) buffer
-              Z_l += b_l; A_{l+1} = act(Z_l) in place (numpy's SIMD tanh for tanh/sigmoid)
-    output    P = act(Z_L), loss, hits and delta = dL/dZ / B in one Numba pass over the rows
-    backward  gW_l = delta.T @ A_l   straight into the flat gradient buffer's view
-              gb_l = delta summed over the batch
-              delta_{l-1} = (delta @ W_l) * act'(A_l)   (matmul, then one Numba pass)
-    step      opt.step(params, grad) on the flat buffers (SGD, momentum or Adam); for
-              optim.Adam itself, the same step fused into one parallel pass (see adam_step)
+    gather    X, T rows of the batch into preallocated buffers (np.take, out=)
+    forward   net.forward(X, out=workspace)      each layer straight into its buffer
+    backward  net.backward(..., deltas=workspace) each layer's gradient straight into its view of
+              the flat gradient buffer, its deltas into preallocated buffers
+    reduce    the gradient-reduce hook, for data-parallel training (see BatchEngine)
+    step      opt.step(params, grad) on the flat buffers (Adam's is one compiled pass)
 
-BLAS threads are whatever the caller set (threadpoolctl); with float32 data and parameters
-nothing is ever converted (the float32 fast path). A full batch (every sample at once) uses X
-as it is instead of gathering it in the shuffled order: the gradient is a sum over all samples,
-so only the rounding order changes.
+So the math is the numpy engine's, written once in parnn.core; this engine only removes the
+allocations and the per-batch copies. BLAS threads are whatever the caller set (threadpoolctl);
+with float32 data and parameters nothing is ever converted. A full batch (every sample at once)
+uses X as it is instead of gathering it in the shuffled order: the gradient is a sum over all
+samples, so only the rounding order changes.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
 
+from parnn.core.losses import n_correct
+from parnn.core.optim import OPTIMIZERS
 from parnn.engines import EpochStats, contiguous_inputs
-from parnn.engines.persample import (ACT_CODES, LOSS_CODES, RELU, SIGMOID, TANH, dact,
-                                   optimizer_name, output_delta, typed)
 from parnn.errors import ConfigError
-from parnn.core.optim import OPTIMIZERS, Adam
 
-
-# --- elementwise kernels: forward and backward side by side ------------------------------------
-
-def hidden_forward(Z, b, name):
-    """A = act(Z + b) in place on Z (B, n). numpy ufuncs: SIMD tanh, no temporaries."""
-    Z += b
-    if name == "tanh":
-        np.tanh(Z, out=Z)
-    elif name == "sigmoid":                       # 0.5 * (1 + tanh(z/2)), as model.py
-        Z *= 0.5
-        np.tanh(Z, out=Z)
-        Z += 1.0
-        Z *= 0.5
-    else:
-        np.maximum(Z, 0.0, out=Z)
-
-
-@njit(cache=True, fastmath={"contract"})
-def hidden_backward(D, A, code):
-    """D *= act'(A) in place, (B, n); the derivative from the activation A, as model.py."""
-    for r in range(D.shape[0]):
-        d, a = D[r], A[r]
-        if code == RELU:                          # separate loops so each one vectorizes
-            for j in range(d.shape[0]):
-                d[j] = d[j] * dact(a[j], RELU)
-        elif code == TANH:
-            for j in range(d.shape[0]):
-                d[j] = d[j] * dact(a[j], TANH)
-        else:
-            for j in range(d.shape[0]):
-                d[j] = d[j] * dact(a[j], SIGMOID)
-
-
-@njit(cache=True)
-def output_layer(Z, T, out_code, loss_code, tiny, scale, D):
-    """Row by row: Z <- output activation, D <- dL/dz * scale. Returns (summed loss, hits)."""
-    loss, hits = 0.0, 0
-    for r in range(Z.shape[0]):
-        l, hit = output_delta(Z[r], T[r], out_code, loss_code, tiny, Z[r], D[r])
-        loss += l
-        hits += hit
-        d = D[r]
-        for j in range(d.shape[0]):
-            d[j] = d[j] * scale
-    return loss, hits
-
-
-# --- the optimizer step --------------------------------------------------------------------------
-# optim.Adam.step is a dozen NumPy passes over the 235k parameters (plus a temporary): 470 us per
-# batch in float32, a third of a batch's time at 2 threads. adam_step does the same arithmetic
-# in one pass (130 us): the same operations in the same order and precision -- including the
-# two that NumPy does in float64 because lr_t and eps_t are float64 scalars -- so the result is
-# bit-identical (tests/test_engines.py checks it against opt.step). Any other optimizer, or a
-# subclass of Adam, goes through opt.step.
-# Deliberately NOT parallel: a Numba (OpenMP) parallel region between BLAS calls leaves two
-# spinning thread pools fighting over the cores; with prange here an epoch at 2 threads took
-# 3.9 s instead of 0.6 s. error_model="numpy": no division-by-zero check (it would stop LLVM
-# from vectorizing the loop); sqrt(v) + eps_t > 0 anyway.
-
-@njit(cache=True, error_model="numpy")
-def adam_step(p, g, m, v, b1, c1, b2, c2, eps_t, lr_t):
-    """m = m*b1 + c1*g;  v = v*b2 + (g*g)*c2;  p -= (m / (sqrt(v) + eps_t)) * lr_t.
-    b1, c1 = beta1, 1-beta1 and b2, c2 in the arrays' dtype; eps_t, lr_t float64."""
-    for i in range(p.shape[0]):
-        gi = g[i]
-        mi = m[i] * b1 + c1 * gi
-        vi = v[i] * b2 + (gi * gi) * c2
-        m[i] = mi
-        v[i] = vi
-        den = typed(vi, np.sqrt(vi) + eps_t)
-        p[i] = p[i] - typed(vi, (mi / den) * lr_t)
-
-
-def optimizer_step(opt, params, grad):
-    """opt.step(params, grad), with optim.Adam's step fused (bit-identical, see above)."""
-    if type(opt) is not Adam:
-        opt.step(params, grad)
-        return
-    opt.t += 1
-    b1, b2, t = opt.beta1, opt.beta2, opt.t
-    lr_t = opt.lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)      # exactly as optim.Adam.step
-    eps_t = opt.eps * np.sqrt(1 - b2 ** t)
-    f = params.dtype.type
-    adam_step(params, grad, opt.m, opt.v, f(b1), f(1 - b1), f(b2), f(1 - b2), float(eps_t),
-              float(lr_t))
-
-
-# --- the engine ------------------------------------------------------------------------------------
 
 class Workspace:
-    """Every per-batch array, allocated once: gathered inputs/targets, each layer's
-    activations and deltas, and the flat gradient buffer with per-layer views."""
+    """Every per-batch array, allocated once for (network, batch size): the gathered inputs and
+    targets, each layer's outputs and deltas, and the flat gradient buffer."""
 
     def __init__(self, spec, B):
-        from parnn.core.model import views
         dt = np.dtype(spec.dtype)
-        self.key = (spec.sizes, spec.dtype, B)
+        self.key = (spec, B)
         self.X = np.empty((B, spec.sizes[0]), dt)
         self.T = np.empty((B, spec.sizes[-1]), dt)
-        self.A = [np.empty((B, n), dt) for n in spec.sizes[1:]]      # Z, then act(Z) in place
-        self.D = [np.empty((B, n), dt) for n in spec.sizes[1:]]      # deltas of each layer
+        shapes = [(B, *layer.out_shape) for layer in spec.layers()]
+        self.A = [np.empty(s, dt) for s in shapes]       # each layer's output
+        self.D = [np.empty(s, dt) for s in shapes]       # dL/d(each layer's output), scratch
         self.grad = np.empty(spec.n_params, dt)
-        self.gW, self.gb = views(spec, self.grad)
+
+    @staticmethod
+    def rows(buffers, b):
+        """The first b rows of each buffer (a short last batch)."""
+        return buffers if len(buffers[0]) == b else [a[:b] for a in buffers]
 
 
 class BatchEngine:
-    name = "batch"
-    per_sample = False
+    """The engine protocol (parnn.engines) over mini-batches.
 
-    def __init__(self):
+    reducer: None for one process. For data-parallel training (parnn.engines.allreduce), the
+    gradient-reduce hook, an object with
+        part(idx)     the samples of the global batch `idx` this process computes
+        reduce(grad)  sums the flat gradient over the processes, in place, before the step
+    Each part's gradient is scaled by 1/len(idx) of the GLOBAL batch, so the sum is the batch's
+    mean gradient and every process takes the same step. Stats are this process's part only.
+    """
+
+    name = "batch"
+
+    def __init__(self, reducer=None):
+        self.reducer = reducer
         self._ws = None
 
     def check(self, spec, optimizer, batch_size):
-        opt = optimizer_name(optimizer)
+        opt = getattr(optimizer, "name", optimizer)
         if opt not in OPTIMIZERS:
             raise ConfigError(f"engine batch: unknown optimizer {opt!r}: choose one of "
                               f"{', '.join(OPTIMIZERS)}")
@@ -158,56 +81,33 @@ class BatchEngine:
         return {"engine": self.name, "blas": blas}
 
     def workspace(self, spec, B):
-        if self._ws is None or self._ws.key != (spec.sizes, spec.dtype, B):
+        if self._ws is None or self._ws.key != (spec, B):
             self._ws = None                      # free the old buffers before the new ones
             self._ws = Workspace(spec, B)
         return self._ws
 
     def train(self, net, opt, X, T, order, batch_size):
-        spec = net.spec
-        self.check(spec, opt, batch_size)
-        dt = net.params.dtype
+        self.check(net.spec, opt, batch_size)
         X, T, order = contiguous_inputs(net, X, T, order)
         B = min(batch_size, max(len(order), 1))
-        ws = self.workspace(spec, B)
-        L = spec.n_layers
-        hid, out, loss_code = ACT_CODES[spec.hidden], ACT_CODES[spec.output], LOSS_CODES[spec.loss]
-        tiny = dt.type(np.finfo(dt).tiny)
-        stats = EpochStats()
+        ws = self.workspace(net.spec, B)
+        loss_sum, correct, n = 0.0, 0, 0
         for start in range(0, len(order), B):
             idx = order[start:start + B]
-            b = len(idx)
+            part = idx if self.reducer is None else self.reducer.part(idx)
+            b = len(part)
             if b == len(X):                       # full batch: the sum over all samples
                 Xb, Tb = X, T
             else:                                 # gather (mode=clip: no hidden buffer)
                 Xb, Tb = ws.X[:b], ws.T[:b]
-                np.take(X, idx, axis=0, out=Xb, mode="clip")
-                np.take(T, idx, axis=0, out=Tb, mode="clip")
-            # forward
-            a = Xb
-            for l in range(L):
-                Z = ws.A[l][:b]
-                np.matmul(a, net.W[l].T, out=Z)                     # (b, n_in) @ (n_in, n_out)
-                if l < L - 1:
-                    hidden_forward(Z, net.b[l], spec.hidden)
-                else:
-                    Z += net.b[l]
-                a = Z
-            # output: activation, loss, hits, delta / b
-            D = ws.D[L - 1][:b]
-            loss, hits = output_layer(ws.A[L - 1][:b], Tb, out, loss_code, tiny,
-                                      dt.type(1.0 / b), D)
-            # backward
-            for l in reversed(range(L)):
-                a_in = Xb if l == 0 else ws.A[l - 1][:b]
-                np.matmul(D.T, a_in, out=ws.gW[l])                  # (n_out, b) @ (b, n_in)
-                np.sum(D, axis=0, out=ws.gb[l])
-                if l > 0:
-                    Dp = ws.D[l - 1][:b]
-                    np.matmul(D, net.W[l], out=Dp)                  # (b, n_out) @ (n_out, n_in)
-                    hidden_backward(Dp, a_in, hid)
-                    D = Dp
-            optimizer_step(opt, net.params, ws.grad)
-            stats += EpochStats(float(loss), int(hits), b)
-        return stats
-
+                np.take(X, part, axis=0, out=Xb, mode="clip")
+                np.take(T, part, axis=0, out=Tb, mode="clip")
+            acts = net.forward(Xb, out=ws.rows(ws.A, b))
+            loss_sum += net.backward(acts, Tb, ws.grad, scale=1.0 / len(idx),
+                                     deltas=ws.rows(ws.D, b))
+            correct += n_correct(acts[-1], Tb)
+            n += b
+            if self.reducer is not None:
+                self.reducer.reduce(ws.grad)
+            opt.step(net.params, ws.grad)
+        return EpochStats(loss_sum, correct, n)

@@ -1,4 +1,5 @@
-"""The reference engine: the NumPy math of model.py, one optimizer step per batch.
+"""The reference engine: the network's own forward and backward (parnn.core), one optimizer step
+per batch, nothing preallocated.
 
 Any batch size (1 = the paper's per-sample SGD), any activation, loss and optimizer. Compiled
 engines are tested against this one.
@@ -8,12 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from parnn.core.losses import n_correct
 from parnn.engines import EpochStats
 
 
 class NumpyEngine:
     name = "numpy"
-    per_sample = False
 
     def check(self, spec, optimizer, batch_size):
         return None
@@ -28,9 +29,6 @@ class NumpyEngine:
             idx = order[i:i + batch_size]
             Tb = T[idx]
             acts = net.forward(X[idx])
-            stats.loss_sum += net.backward(acts, Tb, grad)
-            stats.correct += int(np.count_nonzero(acts[-1].argmax(1) == Tb.argmax(1)))
-            stats.n += len(idx)
+            stats += EpochStats(net.backward(acts, Tb, grad), n_correct(acts[-1], Tb), len(idx))
             opt.step(net.params, grad)
         return stats
-

@@ -1,0 +1,142 @@
+"""Layer kinds and activations: each forward written next to its backward.
+
+A network is a sequence of layer objects over ONE flat parameter buffer. A layer kind is a class
+that says which parameter arrays it owns (`shapes`, laid out one after the other in its slice of
+the flat buffer) and how big its output is per sample (`out_shape`), and defines the pair
+
+    forward(p, x, y=None)                         -> y, the layer's output for input x
+    backward(p, x, y, dy, g, dx=None, propagate=True) -> dx = dL/dx (None if not propagate)
+
+p are the layer's parameter views (see `param_views`), g the same views into the gradient
+buffer, which backward fills. dy = dL/dy arrives in a scratch buffer that backward may overwrite.
+y and dx, when given, are preallocated buffers to write into (an engine's workspace); otherwise
+they are allocated. The network's forward and backward only walk this list, so a new kind
+(convolution, pooling) is one new class here.
+
+Activations follow scikit-learn's tables: ACTIVATIONS[name](Z) works in place on Z, and
+DERIVATIVES[name](A, delta) multiplies delta in place by act'(z), written from the activation's
+OUTPUT A = act(z) (all of them can be), so the forward pass only has to keep its outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+# --- activations: in place, forward and derivative side by side ------------------------------
+
+def identity(Z):
+    return Z
+
+
+def identity_derivative(A, delta):
+    return delta
+
+
+def tanh(Z):
+    return np.tanh(Z, out=Z)
+
+
+def tanh_derivative(A, delta):
+    delta *= 1.0 - A * A
+    return delta
+
+
+def sigmoid(Z):
+    # 0.5 * (1 + tanh(z/2)) is the logistic function without overflow in exp(-z).
+    Z *= 0.5
+    np.tanh(Z, out=Z)
+    Z += 1.0
+    Z *= 0.5
+    return Z
+
+
+def sigmoid_derivative(A, delta):
+    delta *= A * (1.0 - A)
+    return delta
+
+
+def relu(Z):
+    return np.maximum(Z, 0.0, out=Z)
+
+
+def relu_derivative(A, delta):
+    delta *= A > 0
+    return delta
+
+
+def softmax(Z):
+    """Row by row: exp(z - max z) / sum exp(z - max z)."""
+    Z -= Z.max(axis=1, keepdims=True)
+    np.exp(Z, out=Z)
+    Z /= Z.sum(axis=1, keepdims=True)
+    return Z
+
+
+def softmax_derivative(A, delta):
+    """The Jacobian-vector product of softmax, row by row: a * (delta - sum(delta * a))."""
+    delta -= np.einsum("ij,ij->i", delta, A)[:, None]
+    delta *= A
+    return delta
+
+
+ACTIVATIONS = {"identity": identity, "tanh": tanh, "sigmoid": sigmoid, "relu": relu,
+               "softmax": softmax}
+DERIVATIVES = {"identity": identity_derivative, "tanh": tanh_derivative,
+               "sigmoid": sigmoid_derivative, "relu": relu_derivative,
+               "softmax": softmax_derivative}
+
+
+# --- layer kinds ---------------------------------------------------------------------------------
+
+class Dense:
+    """Fully connected: y = act(x @ W.T + b). Row j of W holds neuron j's incoming weights (the
+    paper's weights_jk), so the flat buffer holds W row-major, then b.
+
+        x (B, n_in)    W (n_out, n_in)    b (n_out)    z, y (B, n_out)
+
+    The paper's Algorithm 4 updates weights_jk with the previous layer's *error*; the gradient
+    needs its *activation*, dL/dW_jk = delta_j * x_k (see docs/PAPER.md). We use the gradient.
+    """
+
+    def __init__(self, n_in, n_out, activation="identity"):
+        self.n_in, self.n_out, self.activation = n_in, n_out, activation
+        self.shapes = ((n_out, n_in), (n_out,))
+        self.n_params = n_out * n_in + n_out
+        self.out_shape = (n_out,)
+
+    def __repr__(self):
+        return f"Dense({self.n_in}, {self.n_out}, {self.activation!r})"
+
+    def forward(self, p, x, y=None):
+        W, b = p
+        y = np.matmul(x, W.T, out=y)              # z = x @ W.T: (B, n_in) @ (n_in, n_out)
+        y += b
+        return ACTIVATIONS[self.activation](y)    # y = act(z), over z
+
+    def backward(self, p, x, y, dy, g, dx=None, propagate=True):
+        W, _ = p
+        dW, db = g
+        dz = DERIVATIVES[self.activation](y, dy)  # dz = dy * act'(z), over dy: (B, n_out)
+        np.matmul(dz.T, x, out=dW)                # dW = dz.T @ x: (n_out, B) @ (B, n_in)
+        dz.sum(axis=0, out=db)                    # db = sum of dz over the batch
+        if not propagate:
+            return None
+        return np.matmul(dz, W, out=dx)           # dx = dz @ W: (B, n_out) @ (n_out, n_in)
+
+
+def param_views(layers, flat):
+    """Each layer's parameter arrays as views into `flat`, the layers' slices one after the other
+    (each layer's arrays in the order of its `shapes`). No copies."""
+    n_params = sum(layer.n_params for layer in layers)
+    if flat.shape != (n_params,):
+        raise ValueError(f"flat buffer has shape {flat.shape}, expected ({n_params},)")
+    views, o = [], 0
+    for layer in layers:
+        arrays = []
+        for shape in layer.shapes:
+            n = int(np.prod(shape))
+            arrays.append(flat[o:o + n].reshape(shape))
+            o += n
+        views.append(tuple(arrays))
+    return views

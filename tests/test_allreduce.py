@@ -1,0 +1,111 @@
+"""AllreduceEngine under a real `mpiexec`: every rank ends bitwise identical, and equal to the
+single-process batch engine at the same global batch within the engine tolerances.
+
+The ranks run this module's `run` with the AllreduceEngine (see SCRIPT); the test process runs
+the same `run` with the plain batch engine and compares.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine_check import TOL_EPOCH
+from parnn.core.model import MLP, Spec
+from parnn.core.optim import make_optimizer
+from parnn.engines import make_engine
+from synthetic_data import engine_data
+
+BIN = Path(sys.executable).parent
+MPIEXEC = BIN / "mpiexec"
+TESTS = Path(__file__).resolve().parent
+
+pytestmark = [pytest.mark.mpi,
+              pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to the interpreter")]
+
+N, EPOCHS, SIZES = 310, 2, (30, 16, 8, 6)
+# name: optimizer, lr, batch size, hidden/output/loss, dtype. With 3 ranks batch 7 splits
+# 2+2+3 and batch 2 leaves one rank with nothing to compute.
+CASES = {"sgd7": ("sgd", 0.1, 7, ("tanh", "tanh", "mse"), "float64"),
+         "momentum2": ("momentum", 0.05, 2, ("sigmoid", "sigmoid", "mse"), "float64"),
+         "adam50": ("adam", 1e-3, 50, ("relu", "softmax", "cross_entropy"), "float32"),
+         "adam_full": ("adam", 1e-2, N, ("relu", "softmax", "cross_entropy"), "float64")}
+
+
+def chunks(n, batch):
+    """Chunks of three whole batches, as the training loop hands an epoch over."""
+    step = 3 * batch
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+def run(engine, case, seed=0):
+    """Two epochs in chunks; returns the network, the optimizer and each chunk's stats."""
+    optimizer, lr, batch, combo, dtype = CASES[case]
+    spec = Spec(SIZES, *combo, dtype)
+    X, T, _ = engine_data(spec, N)
+    net = MLP(spec, seed=seed)
+    opt = make_optimizer(optimizer, spec.n_params, spec.dtype, lr)
+    rng = np.random.default_rng(5)
+    stats = []
+    for _ in range(EPOCHS):
+        order = rng.permutation(N)
+        for s, e in chunks(N, batch):
+            got = engine.train(net, opt, X, T, order[s:e], batch)
+            stats.append((got.loss_sum, got.correct, got.n))
+    return net, opt, np.array(stats)
+
+
+SCRIPT = textwrap.dedent("""
+    import hashlib, sys
+    import numpy as np
+    from mpi4py import MPI
+    sys.path.insert(0, sys.argv[2])
+    from test_allreduce import CASES, run
+    from parnn.engines.allreduce import AllreduceEngine
+
+    comm = MPI.COMM_WORLD
+    out = {}
+    for case in CASES:
+        engine = AllreduceEngine(comm)
+        # a different init on every rank: the first call's broadcast must make them one
+        net, opt, stats = run(engine, case, seed=comm.rank)
+        digests = comm.gather(hashlib.sha256(net.params.tobytes()).hexdigest())
+        if comm.rank == 0:
+            out[case] = net.params
+            out[case + ".digests"] = np.array(digests)
+            out[case + ".stats"] = stats
+            out[case + ".counts"] = np.array([engine.calls, opt.t])
+            out[case + ".comm_seconds"] = engine.comm_seconds
+    if comm.rank == 0:
+        np.savez(sys.argv[1], **out)
+""")
+
+
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_allreduce_equals_the_batch_engine_and_ranks_are_bitwise_identical(tmp_path, ranks):
+    script = tmp_path / "allreduce.py"
+    script.write_text(SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    p = subprocess.run([str(MPIEXEC), "-n", str(ranks), sys.executable, str(script),
+                        str(tmp_path / "out.npz"), str(TESTS)],
+                       capture_output=True, text=True, timeout=180, env=env)
+    assert p.returncode == 0, p.stderr
+    got = np.load(tmp_path / "out.npz")
+
+    for case, (_, _, batch, _, dtype) in CASES.items():
+        assert len(set(got[case + ".digests"])) == 1, f"{case}: ranks differ"
+        ref, ref_opt, ref_stats = run(make_engine("batch"), case)
+        diff = float(np.abs(got[case] - ref.params).max())
+        assert diff <= TOL_EPOCH[dtype], f"{case}: max |param - batch engine| = {diff:.3g}"
+        stats = got[case + ".stats"]
+        assert np.array_equal(stats[:, 1:], ref_stats[:, 1:]), f"{case}: hits or counts differ"
+        np.testing.assert_allclose(stats[:, 0], ref_stats[:, 0], rtol=1e3 * TOL_EPOCH[dtype])
+        n_batches = EPOCHS * -(-N // batch)
+        calls, steps = got[case + ".counts"]
+        assert steps == ref_opt.t == n_batches
+        assert calls == n_batches + EPOCHS * len(chunks(N, batch))   # + one per chunk (stats)
+        assert got[case + ".comm_seconds"] > 0
