@@ -23,6 +23,8 @@ _LAZY = {
     "ParnnError": "parnn.errors",
     "ConfigError": "parnn.errors",
     "ModelFileError": "parnn.errors",
+    "MLPClassifier": "parnn.estimators",    # scikit-learn estimators: the `sklearn` extra
+    "MLPRegressor": "parnn.estimators",
 }
 __all__ = ["__version__", *_LAZY]
 
