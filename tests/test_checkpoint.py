@@ -249,6 +249,22 @@ def test_a_resumed_run_keeps_the_checkpoints_arithmetic_and_may_change_the_rest(
         resumed_config(ck, record, {"epochs": 1})
 
 
+@pytest.mark.parametrize("setting,value,words", [
+    ("validation_split", 0.2, r"--validation-split 0\.2 \(it has 0\.1\)"),
+    ("early_stopping", 3, r"--early-stopping 3 \(it has none\)")])
+def test_a_resumed_run_refuses_a_changed_validation_split_or_patience(run_dir, setting, value,
+                                                                      words):
+    """They change which samples train and when the run stops: refused, not ignored."""
+    from parnn.run.resume import RunRecord, resumed_config
+
+    ck = checkpoint.load(run_dir)
+    record = RunRecord("fashion-mnist", "/d", {}, None, None, "/o", None)
+    with pytest.raises(ConfigError, match=words):
+        resumed_config(ck, record, {setting: value})
+    same = getattr(ck.config, setting)
+    assert getattr(resumed_config(ck, record, {setting: same}), setting) == same
+
+
 # --- divergence --------------------------------------------------------------------------------
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

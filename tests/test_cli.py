@@ -93,8 +93,11 @@ def snapshot(root):
 # (args with {placeholders} under the workspace, words the message must contain). "@" marks the
 # cases that also run as a real subprocess.
 
-T = ["train", "--data", "{w}/data", "--out", "{w}/run"] + TRAIN
+# A fresh --out: a refused run must not create it (`run` holds a model: see its own case).
+T = ["train", "--data", "{w}/data", "--out", "{w}/fresh"] + TRAIN
 BAD = [
+    (["train", "--data", "{w}/data", "--out", "{w}/run"] + TRAIN,
+     "already holds a trained model (model.safetensors): pass --overwrite"),
     # flags
     (T + ["--lr", "0"], "learning rate must be a number > 0"),
     (T + ["--lr", "-1"], "learning rate must be"),
@@ -116,6 +119,9 @@ BAD = [
       "--early-stopping", "2"], "do not work with --distributed yet"),
     (T + ["--batch-size", "lots"], "an integer or 'full'"),
     (T + ["--engine", "gpu"], "choose one of numpy"),
+    # refused before the data loads (the data directory does not exist)
+    (T + ["--engine", "serial", "--optimizer", "adam", "--data", "{w}/missing"],
+     "engine serial does the paper's per-sample plain SGD update"),
     (T + ["--preset", "fast"], "invalid choice"),
     (T + ["--optimizer", "rmsprop"], "sgd, momentum, adam"),
     (T + ["--momentum", "0.5"], "only applies to optimizer momentum"),
@@ -136,7 +142,6 @@ BAD = [
     (T + ["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
     (T + ["--dataset", "cifar"], "invalid choice"),
     (T + ["--frobnicate"], "unrecognized arguments"),
-    (["@"], "the following arguments are required"),
     (["@", "train", "--epochs", "many"], "invalid int value"),
     # output paths and data directories
     (["@"] + T + ["--out", "{w}/a_file"], "is a file, not a directory"),
@@ -184,7 +189,7 @@ BAD = [
     (["predict", "{w}/run/model.safetensors", "{w}/nan.npy"], "pixel values must be"),
     (["predict", "{w}/run/model.safetensors", "{w}/pickled.npy"], "not a readable .npy"),
     (["predict", "{w}/run/model.safetensors", "{w}/missing.png"], "no such file"),
-    (["predict", "{w}/run/model.safetensors", "{w}/empty"], "no such file"),
+    (["predict", "{w}/run/model.safetensors", "{w}/empty"], "a directory with no picture files"),
     (["predict", "{w}/run/model.safetensors", "{w}/good.png", "--invert", "maybe"], "invalid choice"),
     # data
     (["data", "info", "--data", "{w}/missing"], "does not exist"),
@@ -231,6 +236,36 @@ def test_bad_input_is_one_clean_line(case, ws, capsys, monkeypatch):
 
 
 # --- good paths -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv,listed", [([], "train"), (["data"], "fetch")])
+def test_bare_parnn_and_parnn_data_print_their_help(argv, listed):
+    """Not argparse's internal names ('the following arguments are required: command')."""
+    r = parnn(*argv)
+    assert r.returncode == 2 and r.stderr == ""
+    assert r.stdout.startswith(f"usage: parnn {' '.join(argv)}".rstrip()) and listed in r.stdout
+    assert "command" not in r.stdout.replace("COMMAND", "")
+
+
+def test_an_unforeseen_os_error_is_one_line_naming_the_path(monkeypatch, capsys):
+    """main's last resort: whatever OSError escapes a command is one line, the path escaped."""
+    import errno
+
+    def broken(args):
+        raise OSError(errno.EIO, "Input/output error", "/mnt/da\nta")
+    monkeypatch.setitem(cli.COMMANDS, "data", broken)
+    assert cli.main(["data", "info"]) == 2
+    assert capsys.readouterr().err == "parnn: error: /mnt/da\\nta: Input/output error\n"
+
+
+def test_an_error_message_with_a_newline_is_one_line(monkeypatch, capsys):
+    from parnn.errors import DataError
+
+    def broken(args):
+        raise DataError("class name 'a\nb' is odd")
+    monkeypatch.setitem(cli.COMMANDS, "data", broken)
+    assert cli.main(["data", "info"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["parnn: error: class name 'a\\nb' is odd"]
+
 
 def test_version():
     r = parnn("--version")
@@ -446,3 +481,213 @@ def parnn_load(path):
     import parnn
 
     return parnn.load(path)
+
+
+# --- issue 10's CLI defects -----------------------------------------------------------------------
+
+def test_a_new_run_does_not_replace_a_model_without_overwrite(ws, tmp_path, capsys):
+    out = tmp_path / "run"
+    base = ["train", "--data", str(ws / "data"), "--out", str(out), "--hidden", "8",
+            "--epochs", "1", "--engine", "numpy", "--threads", "1", "--no-progress"]
+    assert cli.main([*base, "--checkpoint-every", "2"]) == 0
+    model = (out / "model.safetensors").read_bytes()
+    assert len(list((out / "checkpoints").iterdir())) == 2
+    assert cli.main([*base, "--seed", "5"]) == 2
+    assert "already holds a trained model" in capsys.readouterr().err
+    assert (out / "model.safetensors").read_bytes() == model
+    assert cli.main([*base, "--seed", "5", "--overwrite"]) == 0
+    assert (out / "model.safetensors").read_bytes() != model
+    # the old run's checkpoints went with it: only the new run's (one, after its epoch) remain
+    assert [p.name for p in (out / "checkpoints").iterdir()] == [NEWEST]
+    assert io.load_checkpoint(out / "checkpoints" / NEWEST)[1]["config"]["seed"] == 5
+
+
+def test_history_plot_of_a_one_epoch_run(ws):
+    """A 1-epoch run (the paper preset's default) had a fractional epoch axis (0.945-1.050),
+    and the right panel's y label was drawn over the left panel."""
+    from parnn import plots
+
+    history = parnn_load(ws / "run" / "model.safetensors").history[:1]
+    history[0].pop("test_acc", None)          # rows may lack it (scored at the end only)
+    fig = plots.history_figure(history)
+    fig.canvas.draw()
+    left, right = fig.axes
+    for ax in (left, right):
+        lo, hi = ax.get_xlim()
+        shown_ticks = [t for t in ax.get_xticks() if lo <= t <= hi]
+        assert shown_ticks == [1.0], shown_ticks
+    renderer = fig.canvas.get_renderer()
+    label = right.yaxis.label.get_window_extent(renderer)
+    assert label.x0 > left.get_window_extent(renderer).x1, "the label overlaps the left panel"
+    assert [line.get_label() for line in right.get_lines()] == ["train", "validation"]
+
+
+def test_no_progress_bar_frames_in_a_redirected_log(ws, tmp_path):
+    """stderr is a pipe here: no bar (each frame would be a line of the log), a line per epoch."""
+    r = parnn("train", "--data", ws / "data", "--out", tmp_path / "out", "--hidden", "8",
+              "--epochs", "2", "--engine", "numpy", "--threads", "1", "--batch-size", "1",
+              "--optimizer", "sgd")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert [line.split()[1] for line in r.stdout.splitlines() if line.startswith("epoch ")] == \
+        ["1/2", "2/2"]
+
+
+def test_train_json_is_one_object_on_stdout(ws, tmp_path):
+    import json
+
+    r = parnn("train", "--data", ws / "data", "--out", tmp_path / "out", "--hidden", "8",
+              "--epochs", "2", "--engine", "numpy", "--threads", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    model = parnn_load(tmp_path / "out" / "model.safetensors")
+    assert result["test_acc"] == model.meta["test_acc"] and result["epochs"] == 2
+    assert result["files"]["model"] == str(tmp_path / "out" / "model.safetensors")
+    assert [row["epoch"] for row in result["history"]] == [1, 2]
+    assert "epoch 2/2" in r.stderr   # the log went to stderr
+
+
+def test_evaluate_reports_precision_recall_f1_and_draws_the_confusion_matrix(ws, tmp_path):
+    import json
+
+    from parnn import metrics
+
+    model = ws / "run" / "model.safetensors"
+    r = parnn("evaluate", model, "--data", ws / "data", "--json", "--figure", tmp_path / "cm.png")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)
+    cm = np.array(report["confusion_matrix"])
+    precision, recall, f1 = metrics.precision_recall_f1(cm)
+    assert [c["recall"] for c in report["classes"]] == pytest.approx(
+        [None if np.isnan(v) else v for v in recall])
+    assert report["accuracy"] == pytest.approx(np.trace(cm) / cm.sum()) and cm.sum() == 60
+    with Image.open(tmp_path / "cm.png") as im:
+        assert im.format == "PNG"
+    r = parnn("evaluate", model, "--data", ws / "data")
+    assert "precision" in r.stdout and "F1" in r.stdout and "macro average" in r.stdout
+
+
+def test_evaluate_refuses_another_dataset_than_the_models(ws, tmp_path):
+    """Before: MNIST's test set was scored with the model's Fashion-MNIST classes relabelled as
+    digits."""
+    r = parnn("evaluate", ws / "run" / "model.safetensors", "--data", ws / "data", "--dataset",
+              "mnist")
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.splitlines() == [
+        f"parnn: error: {ws / 'run' / 'model.safetensors'} was trained on fashion-mnist, but "
+        "this is mnist: its classes are fashion-mnist's (T-shirt/top, Trouser, Pullover, ...), "
+        "so the scores would mean nothing; pass --dataset fashion-mnist"]
+
+
+def test_evaluate_warns_when_the_test_files_differ(ws):
+    r = parnn("evaluate", ws / "run" / "model.safetensors", "--data", ws / "other_data")
+    assert r.returncode == 0 and "accuracy" in r.stdout
+    assert r.stderr.startswith("parnn: warning: the test files in") and \
+        len(r.stderr.splitlines()) == 1, r.stderr
+
+
+def test_predict_shows_names_probabilities_top_k_directories_and_stacks(ws, tmp_path):
+    import json
+
+    from parnn.images import load_images
+
+    model = ws / "run" / "model.safetensors"
+    m = parnn_load(model)
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    shutil.copy(ws / "good.png", pictures / "a.png")
+    shutil.copy(ws / "good.npy", pictures / "b.npy")
+    (pictures / "notes.txt").write_text("not a picture: skipped")
+    rng = np.random.default_rng(1)
+    stack = rng.integers(0, 256, (3, 28, 28)).astype(np.uint8)
+    np.save(tmp_path / "stack.npy", stack)
+    np.save(tmp_path / "flat.npy", stack.reshape(3, 784))
+
+    r = parnn("predict", model, pictures, tmp_path / "stack.npy", tmp_path / "flat.npy",
+              "--top-k", "3")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    lines = [line.split("\t") for line in r.stdout.splitlines()]
+    assert [f[0] for f in lines] == [str(pictures / "a.png"), str(pictures / "b.npy"),
+                                     *(f"{tmp_path / 'stack.npy'}[{i}]" for i in range(3)),
+                                     *(f"{tmp_path / 'flat.npy'}[{i}]" for i in range(3))]
+    assert [f[1:] for f in lines[2:5]] == [f[1:] for f in lines[5:8]]   # (N,28,28) = (N,784)
+    # each line: three (class, name, probability), most likely first, as the model says
+    X = load_images([pictures / "a.png"], 784, m.dtype)
+    p = m.predict_proba(X)[0]
+    best = np.argsort(-p, kind="stable")[:3]
+    assert lines[0][1:] == [x for c in best for x in (str(c), m.class_names[c], f"{p[c]:.4f}")]
+    # a stack's pictures are the same pictures as single files
+    for i in range(3):
+        np.save(tmp_path / f"one{i}.npy", stack[i])
+    r = parnn("predict", model, *(tmp_path / f"one{i}.npy" for i in range(3)), "--top-k", "3")
+    assert [line.split("\t")[1:] for line in r.stdout.splitlines()] == [f[1:] for f in lines[2:5]]
+
+    r = parnn("predict", model, pictures / "a.png", "--json", "--top-k", "2")
+    obj = json.loads(r.stdout)
+    assert obj["file"] == str(pictures / "a.png") and obj["class"] == int(best[0])
+    assert obj["name"] == m.class_names[best[0]] and len(obj["top"]) == 2
+    assert obj["probability"] == pytest.approx(float(p[best[0]]))
+
+
+def test_predict_refuses_a_top_k_below_1(ws):
+    r = parnn("predict", ws / "run" / "model.safetensors", ws / "good.png", "--top-k", "0")
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == ["parnn: error: --top-k must be >= 1, got 0"]
+
+
+def test_bench_says_what_it_did_and_no_more(ws, tmp_path, capsys):
+    """Issue 10 defect 8, on synthetic data: the modern workload without a breakdown printed the
+    paper workload's model lines; serial at 1 thread only, unexplained; times scaled from
+    --limit-train to a 60k epoch, unlabelled in the figures."""
+    import json
+
+    common = ["--repeat", "1", "--limit-train", "200", "--data", str(ws / "data"),
+              "--no-progress"]
+    assert cli.main(["bench", "--workload", "modern", "--engines", "numpy", "--hidden", "8",
+                     "--threads", "1", "--no-breakdown", "--out", str(tmp_path / "m"),
+                     *common]) == 0
+    out = capsys.readouterr().out
+    assert "The paper's table implies" not in out and "fitted to the paper's table" not in out
+    assert cli.main(["bench", "--workload", "paper", "--engines", "serial", "--hidden", "8",
+                     "--threads", "1,2", "--no-breakdown", "--out", str(tmp_path / "p"),
+                     *common]) == 0
+    out = capsys.readouterr().out
+    assert "note: engine serial starts no threads: it runs at 1 thread only" in out
+    notes = json.loads((tmp_path / "p" / "bench.json").read_text())["notes"]
+    assert any("scales its time" in n for n in notes)
+
+
+def test_bench_figures_say_their_times_are_scaled(monkeypatch, tmp_path):
+    from parnn import plots
+    from parnn.bench import report
+
+    titles = []
+    monkeypatch.setattr(plots, "plot_bench_time", lambda s, p, path, title: titles.append(title))
+    monkeypatch.setattr(plots, "plot_bench_speedup", lambda s, p, path, title: None)
+    res = {"workload": {"id": "W1", "name": "paper", "sizes": [784, 8, 10], "dtype": "float64",
+                        "samples": 200, "epochs": 1},
+           "machine": {"cpu": "cpu", "usable_cores": 2}, "started_utc": "2025-01-01T00:00",
+           "results": []}
+    report.write_results(res, tmp_path)
+    assert "times of 1 epoch(s) x 200 samples, scaled to one epoch of 60000" in titles[0]
+
+
+def test_data_fetch_leaves_no_empty_directory_when_it_fails(tmp_path):
+    """Issue 10 defect 4: offline, `data fetch` left an empty cache directory behind."""
+    env = {**os.environ, "PARNN_MIRROR": (tmp_path / "nowhere").as_uri(),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("PARNN_DATA", None)
+    r = parnn("data", "fetch", "--dataset", "mnist", env=env)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.skipif(not os.path.isdir("/usr/share/datasets/fashion-mnist"),
+                    reason="Fashion-MNIST is not installed system-wide")
+def test_data_fetch_does_not_download_what_is_installed(tmp_path):
+    env = {**os.environ, "PARNN_MIRROR": (tmp_path / "nowhere").as_uri(),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("PARNN_DATA", None)
+    r = parnn("data", "fetch", env=env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("fashion-mnist is already in /usr/share/datasets/fashion-mnist")
+    assert not (tmp_path / "cache").exists()

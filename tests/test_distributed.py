@@ -181,7 +181,7 @@ def test_allreduce_cli_matches_single_process_training(tmp_path):
     cfg = make_config("modern", hidden=(32,), epochs=2, dtype="float64", engine="batch",
                       threads=1)
     ds = load_dataset("fashion-mnist", REAL, "float64", 2000, 500)
-    ref = train.fit(cfg, ds, progress=False, log=lambda *_: None)
+    ref = train.fit(cfg, ds, progress=False, log=lambda *_: None, test_every_epoch=True)
     np.testing.assert_allclose(net.params, ref.net.params, rtol=1e-8, atol=1e-10)
     assert [r["test_acc"] for r in hist["history"]] == [r["test_acc"] for r in ref.history]
 
@@ -206,8 +206,9 @@ def test_ensemble_reports_members_and_votes_and_evaluate_reads_the_file(tmp_path
     assert meta["distributed"]["soft_acc"] == pytest.approx(soft, abs=1e-4)
     hist = json.loads((out / "history.json").read_text())
     assert [m["seed"] for m in hist["members"]] == [1, 1001]
-    assert (out / "history.csv").read_text().startswith("member,epoch")
-    assert not list(out.glob(".*.tmp"))
+    assert hist["test_acc"] == pytest.approx(soft, abs=1e-4)
+    assert (out / "history.csv").read_text().startswith("epoch,loss,train_acc,test_acc")
+    assert not list(out.glob(".*.tmp")) and not list(out.glob(".parnn.lock"))
 
     # `parnn evaluate` needs no MPI: it loads every member and takes the soft vote
     assert cli.main(["evaluate", str(out / "model.safetensors"), "--limit-test", "500",
@@ -296,3 +297,150 @@ def test_a_killed_rank_ends_the_job(tmp_path):
     assert p.returncode != 0
     assert p.seconds < 30
     assert not (tmp_path / "model.safetensors").exists()
+
+
+# --- the ensemble's files have a single run's layout, with the vote in them --------------------
+
+@pytest.mark.mpi
+@needs_mpi
+def test_the_ensembles_history_is_the_voted_accuracy_in_a_single_runs_layout(tmp_path):
+    """history.json/.csv and the plot show what the ensemble reports (the soft vote after each
+    epoch), not the members' mean; history.json has a single run's keys."""
+    from parnn import plots
+
+    data = synthetic_data.write_dataset(tmp_path / "data", n_train=400, n_test=80)
+    common = ["--data", data, "--hidden", "16", "--epochs", "3", "--threads", "1",
+              "--no-progress"]
+    p = parnn_mpi(2, "--distributed", "ensemble", *common, "--out", tmp_path / "ens")
+    assert p.returncode == 0, p.stderr
+    r = synthetic_data.parnn("train", *common, "--validation-split", "0", "--out",
+                             tmp_path / "single")
+    assert r.returncode == 0, r.stderr
+    ens = json.loads((tmp_path / "ens" / "history.json").read_text())
+    single = json.loads((tmp_path / "single" / "history.json").read_text())
+    assert set(single) <= set(ens)
+    assert set(single["history"][-1]) <= set(ens["history"][-1])
+    soft = float(re.search(r"soft vote ([\d.]+)", p.stdout).group(1))
+    assert ens["test_acc"] == ens["history"][-1]["test_acc"] == pytest.approx(soft, abs=1e-4)
+    members = ens["members"]
+    for e, row in enumerate(ens["history"]):
+        mean = np.mean([m["history"][e]["test_acc"] for m in members])
+        assert row["member_test_acc"] == pytest.approx(mean)
+        assert row["loss"] == pytest.approx(np.mean([m["history"][e]["loss"] for m in members]))
+    # the vote after each epoch is not the members' mean (it is what the ensemble is for)
+    assert any(row["test_acc"] != row["member_test_acc"] for row in ens["history"])
+    rows = (tmp_path / "ens" / "history.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["epoch", "loss", "train_acc", "test_acc"] and len(rows) == 4
+    fig = plots.history_figure(ens["history"])
+    test_line = next(line for line in fig.axes[1].get_lines() if line.get_label() == "test")
+    assert list(test_line.get_ydata()) == [row["test_acc"] for row in ens["history"]]
+
+
+# --- failures before MPI starts, silent ranks: one line, the whole job ends ----------------------
+
+def _one_error_line(p):
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("parnn: error: "), lines[0]
+    assert "Traceback" not in p.stderr
+    return lines[0]
+
+
+@pytest.mark.mpi
+@needs_mpi
+@pytest.mark.parametrize("rank1,words", [
+    (["--distributed", "allreduce", "--lr", "abc"], "rank 1 of 2: argument --lr: invalid float"),
+    ([], "rank 1 of 2: this process is one of 2 that an MPI launcher started"),
+], ids=["bad flag", "no --distributed"])
+def test_a_rank_failing_before_mpi_starts_ends_the_job_with_one_line(tmp_path, rank1, words):
+    """MPMD (issue 14 item 5): rank 1 fails before MPI starts. Before: rank 0 waited for it
+    forever at 100% CPU, and a rank 1 without --distributed trained a whole run into --out."""
+    data = synthetic_data.write_dataset(tmp_path / "data", n_train=200, n_test=40)
+    common = ["--data", data, "--hidden", "8", "--epochs", "1", "--threads", "1",
+              "--no-progress", "--out", tmp_path / "out"]
+    p = run([MPIEXEC, "-n", 1, BIN / "parnn", "train", "--distributed", "allreduce", *common,
+             ":", "-n", 1, BIN / "parnn", "train", *common, *rank1], timeout=60)
+    assert p.returncode == 2
+    assert words in _one_error_line(p)
+    assert p.seconds < 30 and not (tmp_path / "out").exists()
+
+
+@pytest.mark.mpi
+@needs_mpi
+@pytest.mark.parametrize("args,words", [
+    (["--distributed", "allreduce", "--lr", "-1"], "on all 2 ranks: learning rate must be"),
+    (["--distributed", "ensemble", "--epochs", "x"], "on all 2 ranks: argument --epochs"),
+    ([], "on all 2 ranks: this process is one of 2 that an MPI launcher started (PMI_SIZE=2), "
+         "but --distributed is not given"),
+], ids=["config", "usage", "no --distributed"])
+def test_an_error_on_every_rank_is_one_line_from_rank_0(tmp_path, args, words):
+    """`mpiexec -n 2 parnn train` with a bad flag printed one line per rank; and without
+    --distributed it ran two identical trainings into the same files (issue 10 defect 3)."""
+    data = synthetic_data.write_dataset(tmp_path / "data", n_train=200, n_test=40)
+    p = run([MPIEXEC, "-n", 2, BIN / "parnn", "train", "--data", data, "--hidden", "8",
+             "--epochs", "1", "--no-progress", "--out", tmp_path / "out", *args], timeout=60)
+    assert p.returncode == 2
+    assert words in _one_error_line(p)
+    assert not (tmp_path / "out").exists()
+
+
+def _cpu_seconds(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), fields[0]
+
+
+def _ranks(marker):
+    """{rank: pid} of the processes whose environment holds marker (the job's own ranks)."""
+    found = {}
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if env.get(b"PARNN_TEST_MARK") == marker.encode() and b"PMI_RANK" in env:
+            found[int(env[b"PMI_RANK"])] = int(pid)
+    return found
+
+
+@pytest.mark.mpi
+@needs_mpi
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.parametrize("mode", ["allreduce", "ensemble"])
+def test_a_stopped_rank_ends_the_job_naming_it_and_the_others_wait_idle(tmp_path, mode):
+    """Rank 1 SIGSTOPs itself after its first chunk (alive, silent). Before: rank 0 spun at
+    100% CPU in its collective forever. Now it sleeps while it waits, and after --rank-timeout
+    seconds the job ends with one line naming rank 1."""
+    data = synthetic_data.write_dataset(tmp_path / "data", n_train=400, n_test=40)
+    marker = f"{os.getpid()}-{mode}"
+    env = {**_env(), "PARNN_TEST_FAIL": "1:stop", "PARNN_TEST_MARK": marker}
+    timeout = 8
+    t0 = time.monotonic()
+    job = subprocess.Popen([str(MPIEXEC), "-n", "2", str(BIN / "parnn"), "train",
+                            "--distributed", mode, "--data", str(data), "--hidden", "8",
+                            "--epochs", "3", "--threads", "1", "--no-progress",
+                            "--rank-timeout", str(timeout), "--out", str(tmp_path / "out")],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        ranks, stopped = {}, False
+        while time.monotonic() - t0 < 30 and not stopped:
+            ranks = _ranks(marker)
+            stopped = 1 in ranks and _cpu_seconds(ranks[1])[1] == "T"
+            time.sleep(0.05)
+        assert stopped and 0 in ranks, "rank 1 never stopped"
+        time.sleep(0.5)                          # rank 0 is past its spin, waiting
+        before = _cpu_seconds(ranks[0])[0]
+        time.sleep(2)
+        used = _cpu_seconds(ranks[0])[0] - before
+        out, err = job.communicate(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    seconds = time.monotonic() - t0
+    assert used < 0.5, f"rank 0 used {used:.2f} s of CPU in 2 s of waiting"
+    assert job.returncode != 0
+    line = _one_error_line(subprocess.CompletedProcess([], job.returncode, out, err))
+    assert "rank 1 of 2 has been silent for 8 s" in line and "--rank-timeout" in line
+    assert seconds < timeout + 15, seconds
+    assert not (tmp_path / "out" / "model.safetensors").exists()

@@ -1,10 +1,9 @@
-"""Issue 14, hardening round two: the cases of the attack run that live in the file modules
-(io, data, images), each reproduced with real files and real `python -m parnn` processes.
+"""Issue 14, hardening round two: the cases of the attack run, each reproduced with real files
+and real `python -m parnn` processes (the MPI ones with real mpiexec, in test_distributed.py).
 
 Every bad input must end as exactly one line `parnn: error: ...` that names the problem, a
 non-zero status, no traceback, no hang, bounded memory, and no file of the workspace touched.
-Cases whose fix belongs to the CLI or the checkpoint code are marked xfail(strict): they
-document the case and turn green when it is fixed. docs/ROBUSTNESS.md lists the catalogue.
+docs/ROBUSTNESS.md lists the catalogue.
 """
 
 import ctypes
@@ -254,7 +253,6 @@ CASES = [
     (["predict", M, "{w}/strings.npy"], {}, ["strings.npy", "plain numbers"]),
     (["predict", M, "{w}/huge_shape.npy"], {}, ["huge_shape.npy", "1000000000000 values"]),
     (["predict", M, "{w}/short.npy"], {}, ["short.npy", "truncated"]),
-    (["predict", M, "{w}/good.npy", "{w}/complex.npy", "{w}/good.npy"], {}, ["complex.npy"]),
     # item 3: pixel count bounded before decoding, PIL's warnings replaced by one line
     (["predict", M, "{w}/declares_20000.png"], {}, ["declares_20000.png", "too large"]),
     (["predict", M, "{w}/declares_10000.png"], {}, ["declares_10000.png", "too large"]),
@@ -330,14 +328,10 @@ def test_a_directory_that_cannot_be_entered(case, locked, ws):
     assert snapshot(t) == before
 
 
-@pytest.mark.xfail(strict=True, reason="needs run/checkpoint.load to probe with paths.path_kind "
-                   "(and cli.main's last-resort OSError handler)")
 def test_resume_from_a_directory_that_cannot_be_entered(locked):
     assert_one_line(unprivileged("train", "--resume", locked / "ck", timeout=60), "Permission denied")
 
 
-@pytest.mark.xfail(strict=True, reason="needs run/checkpoint.load to probe with paths.path_kind "
-                   "(and cli.main's last-resort OSError handler)")
 def test_resume_from_a_name_too_long(tmp_path):
     assert_one_line(parnn("train", "--resume", tmp_path / LONG, timeout=60), "File name too long")
 
@@ -363,7 +357,7 @@ def test_an_old_model_is_upgraded_by_the_command_the_message_gives(ws, tmp_path)
     command = line.split("`")[1].split()
     assert command[:4] == ["python", "-m", "parnn.io", "upgrade"]
     r = subprocess.run([sys.executable, *command[1:]], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0 and "re-saved in format 2" in r.stdout, r.stderr
+    assert r.returncode == 0 and f"re-saved in format {io.FORMAT}" in r.stdout, r.stderr
     r = parnn("predict", old, ws / "good.npy")
     assert r.returncode == 0 and r.stderr == "" and len(r.stdout.splitlines()) == 1, r.stderr
     assert io.load_model(old)[0].params.tobytes() == net.params.tobytes()
@@ -468,8 +462,6 @@ def test_a_read_only_model_is_not_replaced(ws, tmp_path):
     assert model.read_bytes() == before and stat.S_IMODE(model.stat().st_mode) == 0o444
 
 
-@pytest.mark.xfail(strict=True, reason="needs run/session.start and resume: "
-                   "check_output_dir(out, '--out', files=OUTPUT_FILES) before training")
 def test_a_read_only_model_is_refused_before_training(ws, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(ws / "run", out)
@@ -480,9 +472,6 @@ def test_a_read_only_model_is_refused_before_training(ws, tmp_path):
     assert not (out / "checkpoints").exists()
 
 
-@pytest.mark.xfail(strict=True, reason="needs run/session.start and resume: "
-                   "check_output_dir(out, '--out', files=OUTPUT_FILES) before training "
-                   "(issue 14 item 10)")
 def test_a_directory_in_place_of_an_output_is_refused_before_training(ws, tmp_path):
     out = tmp_path / "out"
     shutil.copytree(ws / "run", out)
@@ -509,3 +498,206 @@ def test_check_output_dir_refuses_outputs_that_could_not_be_replaced(tmp_path):
         io.check_output_dir(tmp_path, "--out", files=("model.safetensors", "history.json"))
     (tmp_path / "model.safetensors").chmod(0o644)
     io.check_output_dir(tmp_path, "--out", files=("model.safetensors", "history.json"))
+
+
+# --- item 8: every field of a checkpoint is checked before anything acts on it -------------------
+
+@pytest.mark.parametrize("row,words", [
+    ({}, "history row 1 is not a row of epoch 1"),
+    ({"test_acc": "0.9"}, "history row 1's test_acc '0.9' is not a finite number"),
+    ({"loss": {"a": 1}}, "history row 1's loss"),
+    ({"train_acc": 7.0}, "history row 1's train_acc 7.0 is out of range"),
+    ({"extra": 1}, "history row 1 has unknown 'extra'"),
+], ids=["empty row", "string test_acc", "nested loss", "accuracy 7", "unknown key"])
+def test_a_checkpoint_with_malformed_history_is_refused_before_anything_is_written(
+        ws, tmp_path, row, words):
+    """A finished checkpoint whose checksums are valid but whose history rows are not rows:
+    before, --resume wrote the model and history into the recorded --out, then a traceback."""
+    out = tmp_path / "out"
+    shutil.copytree(ws / "run", out)
+    ck = out / "checkpoints" / "checkpoint.safetensors"
+    arrays, meta = io.load_checkpoint(ck)
+    first = {} if row == {} else {**meta["history"][0], **row}
+    meta = {**meta, "run": {**meta["run"], "out": str(out)},
+            "history": [first, *meta["history"][1:]]}
+    io.save_checkpoint(ck, arrays, meta)
+    (out / "checkpoints" / "checkpoint.prev.safetensors").unlink(missing_ok=True)
+    before = snapshot(out)
+    assert_one_line(parnn("train", "--resume", out, timeout=60), "no usable checkpoint", words)
+    assert snapshot(out) == before
+
+
+# --- item 9: temporaries left by a SIGKILL are swept when the next run starts --------------------
+
+def test_temporaries_of_a_killed_run_are_swept_at_start(ws, tmp_path):
+    """What a SIGKILL at any point of the output writes leaves (io.atomic_open's temporaries,
+    beside each output and each checkpoint), removed by the next run in that directory."""
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    stale = [out / f".{name}.k1lled.tmp" for name in
+             ("model.safetensors", "history.json", "history.csv", "history.png")]
+    stale += [out / "checkpoints" / f".{name}.k1lled.tmp" for name in
+              ("checkpoint.safetensors", "checkpoint.prev.safetensors")]
+    for p in stale:
+        p.write_bytes(bytes(1000))
+    keep = out / ".notes.tmp"    # not parnn's: kept
+    keep.write_text("mine")
+    r = parnn("train", "--data", ws / "data", "--out", out, *TRAIN, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not [p for p in stale if p.exists()] and keep.read_text() == "mine"
+    assert not list(out.rglob(".parnn.lock"))
+
+
+# --- item 11: one run per directory ----------------------------------------------------------------
+
+def test_a_second_run_in_a_locked_directory_gets_one_line_naming_the_first(ws, tmp_path):
+    from parnn.run import rundir
+
+    out = tmp_path / "out"
+    with rundir.hold(out, "--out"):
+        r = parnn("train", "--data", ws / "data", "--out", out, *TRAIN, timeout=120)
+        assert_one_line(r, "--out", "in use by another parnn run", f"PID {os.getpid()}")
+        assert not (out / "checkpoints").exists()
+    assert not out.exists()   # the lock file goes with the lock, and the directory it made
+
+
+def test_two_runs_started_together_one_trains_the_other_is_refused(ws, tmp_path):
+    """Before: both said "model saved", one model was lost and the checkpoints interleaved."""
+    from synthetic_data import popen
+
+    out = tmp_path / "out"
+    args = ["train", "--data", ws / "data", "--out", out, "--hidden", "8", "--engine", "numpy",
+            "--threads", "1", "--no-progress", "--batch-size", "1", "--epochs", "30",
+            "--optimizer", "sgd"]
+    first = popen(*args, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its log line, at once
+    try:
+        assert first.stdout.readline().startswith("parnn ")   # it holds the lock, training
+        second = parnn(*args, timeout=120)
+        assert_one_line(second, "in use by another parnn run", f"PID {first.pid}")
+    finally:
+        first.kill()
+        first.wait()
+
+
+# --- behaved badly: memory estimated before data loads ---------------------------------------------
+
+def _room():
+    from parnn.run import memory
+
+    return memory.available()
+
+
+@pytest.mark.skipif(_room() is None, reason="the available memory is not known here")
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_the_data_loads(tmp_path):
+    """--hidden 3000000 (about 40 GB with Adam): before, resident memory passed 4 GB with
+    nothing printed. Refused now before the data is read (the data directory is not even
+    there), with the estimate and what is available."""
+    from parnn.run import memory
+
+    r, peak = run_measured(["train", "--hidden", "3000000", "--engine", "numpy", "--data",
+                            tmp_path / "nowhere", "--out", tmp_path / "out", "--no-progress"])
+    line = assert_one_line(r, "this run needs about", "GB of memory", "is available",
+                           "--hidden")
+    need = float(line.split("needs about ")[1].split(" GB")[0])
+    assert need > 30   # 2.38e9 float32 parameters, gradient and two Adam moments
+    room = float(line.split("but ")[1].split(" GB")[0])
+    assert room == pytest.approx(memory.available() / 1e9, rel=0.2)
+    assert peak < LIMIT_MB and not (tmp_path / "out").exists()
+
+
+def test_the_memory_estimate_counts_what_a_run_allocates():
+    from parnn.run import memory
+    from parnn.run.config import make_config
+
+    cfg = make_config("modern", hidden=(1000,), batch_size=256)
+    spec = cfg.spec()
+    parts = memory.estimate(cfg, spec, 60000, 10000)
+    # parameters, gradient, Adam's two moments: four float32 buffers of n_params
+    assert parts["parameters, gradient and optimizer state"] == 4 * 4 * spec.n_params
+    sgd = memory.estimate(make_config("paper", hidden=(1000,)), make_config(
+        "paper", hidden=(1000,)).spec(), 60000, 10000)
+    assert sgd["parameters, gradient and optimizer state"] == 2 * 8 * spec.n_params
+    assert parts["dataset"] > 70000 * 784 * 4     # the float arrays, at least
+
+
+# --- behaved badly: threads capped, non-finite outputs, one line from matplotlib and numba --------
+
+def test_threads_beyond_the_cores_are_capped_with_a_message(ws, tmp_path):
+    from parnn.run.config import usable_cores
+
+    r = parnn("train", "--data", ws / "data", "--out", tmp_path / "out",
+              *[a if a != "1" or i != TRAIN.index("--threads") + 1 else "10000"
+                for i, a in enumerate(TRAIN)], timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.splitlines() == [f"parnn: warning: --threads 10000 is more than the "
+                                     f"{usable_cores()} core(s) this process may use: using "
+                                     f"{usable_cores()}"]
+    net, meta = io.load_model(tmp_path / "out" / "model.safetensors")
+    assert meta["config"]["threads"] == usable_cores() == meta["threads"]
+
+
+@pytest.fixture(scope="module")
+def huge_weights(ws):
+    """A model whose weights are all 3e38 (valid checksums): its outputs overflow to NaN."""
+    net, meta = io.load_model(ws / "run" / "model.safetensors")
+    net.params[...] = 3e38
+    path = ws.parent / "huge_weights.safetensors"
+    io.save_model(path, net, meta)
+    return path
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_non_finite_outputs_are_an_error(ws, huge_weights, command):
+    """Before: NaN -> class 0, four RuntimeWarnings, exit 0."""
+    args = [ws / "good.npy"] if command == "predict" else ["--data", ws / "data"]
+    r = parnn(command, huge_weights, *args, timeout=60)
+    assert_one_line(r, "huge_weights.safetensors", "NaN or infinity")
+    assert r.stdout == ""
+
+
+def test_matplotlib_is_quiet_with_an_unwritable_home(ws, tmp_path):
+    env = {**os.environ, "HOME": "/proc/nonexistent", "MPLCONFIGDIR": "/proc/parnn-mpl"}
+    env.pop("XDG_CACHE_HOME", None)
+    r = parnn("train", "--data", ws / "data", "--out", tmp_path / "out", *TRAIN, env=env,
+              timeout=120)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert (tmp_path / "out" / "history.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-2", ""])
+def test_a_bad_numba_num_threads_is_one_line(ws, tmp_path, value):
+    r = parnn("train", "--data", ws / "data", "--out", tmp_path / "out", *TRAIN,
+              env={**os.environ, "NUMBA_NUM_THREADS": value}, timeout=60)
+    assert_one_line(r, "$NUMBA_NUM_THREADS must be a whole number >= 1", f"got '{value}'")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_bench_quiet_wait_must_be_a_finite_number(tmp_path, value):
+    """Before: accepted (nan made every wait end at once, inf never)."""
+    r = parnn("bench", f"--quiet-wait={value}", "--out", tmp_path / "b", timeout=60)
+    assert r.returncode == 2 and r.stderr.splitlines() == [
+        f"parnn bench: error: argument --quiet-wait: expected a number of seconds, got "
+        f"'{value}' (see 'parnn bench --help')"], r.stderr
+    assert not (tmp_path / "b").exists()
+
+
+# --- item 2 and issue 10 defect 5: one bad file among good ones ------------------------------------
+
+def test_a_bad_file_among_good_ones_gets_its_line_and_the_others_are_predicted(ws):
+    """Before: a traceback, and nothing printed for the good files either."""
+    r = parnn("predict", M.format(w=ws), ws / "good.npy", ws / "complex.npy", ws / "good.npy",
+              timeout=60)
+    assert r.returncode == 1
+    assert len(r.stderr.splitlines()) == 1 and "complex.npy" in r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(ws / "good.npy")] * 2
+
+
+def test_the_python_api_checks_the_memory_too():
+    from parnn import train
+    from parnn.errors import ConfigError
+
+    X = np.zeros((20, 784), np.float32)
+    with pytest.raises(ConfigError, match="this run needs about .* of memory"):
+        train(X, np.arange(20) % 2, hidden=(30_000_000,), engine="numpy")   # ~900 GB

@@ -46,6 +46,12 @@ def test_bad_settings_are_refused_up_front(overrides, words):
         make_config("modern", **overrides)
 
 
+def test_bad_settings_are_value_errors_for_python_callers():
+    """ConfigError is also a ValueError: scikit-learn's and NumPy's callers catch that."""
+    with pytest.raises(ValueError, match="learning rate must be a number > 0"):
+        make_config("modern", lr=-1.0)
+
+
 def test_unknown_preset_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="paper, modern"):
         make_config("fast")

@@ -12,8 +12,9 @@ class DataError(ParnnError):
     """A dataset file is missing, damaged or not what it claims to be."""
 
 
-class ConfigError(ParnnError):
-    """A parameter (or a combination of parameters) that is not allowed."""
+class ConfigError(ParnnError, ValueError):
+    """A parameter (or a combination of parameters) that is not allowed. Also a ValueError, so
+    a Python caller catches bad settings as it would from scikit-learn or NumPy."""
 
 
 class ModelFileError(ParnnError):

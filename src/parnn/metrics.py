@@ -1,4 +1,5 @@
-"""Classification metrics from labels: accuracy, confusion matrix, a text report."""
+"""Classification metrics from labels: accuracy, confusion matrix, precision / recall / F1,
+a text report."""
 
 from __future__ import annotations
 
@@ -31,20 +32,45 @@ def per_class_accuracy(cm) -> np.ndarray:
     return out
 
 
+def precision_recall_f1(cm):
+    """(precision, recall, F1) of each class from a confusion matrix (rows true, columns
+    predicted); NaN where undefined: precision of a class never predicted, recall of a class
+    with no samples, F1 where either is NaN or both are 0."""
+    cm = np.asarray(cm, dtype=np.float64)
+    tp, predicted, support = np.diag(cm), cm.sum(axis=0), cm.sum(axis=1)
+    precision, recall, f1 = (np.full(len(cm), np.nan) for _ in range(3))
+    np.divide(tp, predicted, out=precision, where=predicted > 0)
+    np.divide(tp, support, out=recall, where=support > 0)
+    both = precision + recall
+    np.divide(2 * precision * recall, both, out=f1, where=both > 0)
+    return precision, recall, f1
+
+
+def macro_average(values) -> float:
+    """The mean over the classes where the value is defined (NaN if none is)."""
+    values = np.asarray(values, dtype=np.float64)
+    defined = values[~np.isnan(values)]
+    return float(defined.mean()) if len(defined) else float("nan")
+
+
 def format_report(cm, class_names) -> str:
-    """Overall accuracy, a per-class table, and the confusion matrix (columns by class index)."""
+    """Overall accuracy, a per-class table (precision, recall, F1) with their macro averages,
+    and the confusion matrix (columns by class index)."""
     cm = np.asarray(cm)
     if len(class_names) != len(cm):
         raise ValueError(f"{len(class_names)} class names for a {len(cm)}-class matrix")
     total = int(cm.sum())
     overall = np.trace(cm) / total if total else float("nan")
-    recall = per_class_accuracy(cm)
+    precision, recall, f1 = precision_recall_f1(cm)
     namew = max([len("class")] + [len(n) for n in class_names])
     lines = [f"accuracy: {overall:.4f} ({int(np.trace(cm))}/{total})", "",
-             f"  # {'class':<{namew}}  {'samples':>7}  {'correct':>7}  {'recall':>6}"]
+             f"  # {'class':<{namew}}  {'samples':>7}  {'correct':>7}  {'precision':>9}  "
+             f"{'recall':>6}  {'F1':>6}"]
     for i, name in enumerate(class_names):
         lines.append(f"{i:>3} {name:<{namew}}  {int(cm[i].sum()):>7}  {int(cm[i, i]):>7}  "
-                     f"{recall[i]:>6.4f}")
+                     f"{precision[i]:>9.4f}  {recall[i]:>6.4f}  {f1[i]:>6.4f}")
+    lines.append(f"    {'macro average':<{namew + 18}}  {macro_average(precision):>9.4f}  "
+                 f"{macro_average(recall):>6.4f}  {macro_average(f1):>6.4f}")
     w = max(3, len(str(int(cm.max()))) if cm.size else 1)
     lines += ["", "confusion matrix (rows = true class, columns = predicted class #):",
               " " * (4 + namew) + "".join(f" {j:>{w}}" for j in range(len(cm)))]

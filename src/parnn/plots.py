@@ -6,6 +6,11 @@ import io as _io
 
 
 def _figure():
+    import logging
+
+    # With an unwritable HOME or MPLCONFIGDIR matplotlib logs warnings (and makes a temporary
+    # cache); parnn writes PNGs only, which need neither: its messages are not the user's.
+    logging.getLogger("matplotlib").setLevel(logging.ERROR)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -25,24 +30,76 @@ def save_png(fig, path):
 
 
 def plot_history(history, path, title="training"):
-    """Loss and accuracy per epoch, side by side."""
+    """Loss and accuracy per epoch, side by side (see history_figure)."""
+    save_png(history_figure(history, title), path)
+
+
+# What the accuracy panel draws, when a row has it: (key, label).
+ACCURACIES = (("train_acc", "train"), ("val_acc", "validation"), ("test_acc", "test"))
+
+
+def history_figure(history, title="training"):
+    """The figure of a run's history rows (run/train.py's): training and validation loss on
+    the left; train, validation and test accuracy on the right. A measure missing from a row
+    (test_acc is scored at the end only, unless asked) is a gap; one measured once is a point.
+    The epoch axis has whole epochs only, 1 to the last."""
     plt = _figure()
-    epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    ax1.plot(epochs, [r["loss"] for r in history], marker="o")
-    ax1.set_xlabel("epoch")
-    ax1.set_ylabel("training loss")
-    ax2.plot(epochs, [r["train_acc"] for r in history], marker="o", label="train")
-    ax2.plot(epochs, [r["test_acc"] for r in history], marker="o", label="test")
-    ax2.set_xlabel("epoch")
-    ax2.set_ylabel("accuracy")
-    ax2.legend()
     from matplotlib.ticker import MaxNLocator
 
+    epochs = [r["epoch"] for r in history]
+    # constrained layout keeps the right panel's y label off the left panel
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5), layout="constrained")
+    _series(ax1, epochs, history, "loss", "training")
+    _series(ax1, epochs, history, "val_loss", "validation")
+    ax1.set_ylabel("loss")
+    for key, label in ACCURACIES:
+        _series(ax2, epochs, history, key, label)
+    ax2.set_ylabel("accuracy")
     for ax in (ax1, ax2):
+        ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if epochs:   # half an epoch of margin: a 1-epoch run gets the tick 1 alone
+            ax.set_xlim(min(epochs) - 0.5, max(epochs) + 0.5)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
     fig.suptitle(title)
+    return fig
+
+
+def _series(ax, epochs, history, key, label):
+    values = [r.get(key) for r in history]
+    if all(v is None for v in values):
+        return
+    ys = [float("nan") if v is None else v for v in values]
+    ax.plot(epochs, ys, marker="o", label=label)
+
+
+def plot_confusion(cm, class_names, path, title="confusion matrix"):
+    """The confusion matrix as a heat map: rows the true class, columns the predicted one, each
+    row coloured by its share of the class's samples (so classes of any size compare), each
+    cell labelled with its count."""
+    import numpy as np
+
+    plt = _figure()
+    cm = np.asarray(cm)
+    support = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, support, out=np.zeros(cm.shape), where=support > 0)
+    k = len(cm)
+    fig, ax = plt.subplots(figsize=(1.6 + 0.55 * k, 1.2 + 0.5 * k), layout="constrained")
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(int(cm[i, j])), ha="center", va="center", fontsize=7,
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xticklabels([f"{j}" for j in range(k)])
+    ax.set_yticklabels([f"{name} ({i})" for i, name in enumerate(class_names)], fontsize=8)
+    ax.set_xlabel("predicted class #")
+    ax.set_ylabel("true class")
+    fig.colorbar(image, ax=ax, label="share of the true class")
+    ax.set_title(title, fontsize=9)
     save_png(fig, path)
 
 
@@ -135,19 +192,22 @@ def plot_bench_speedup(series, paper, path, title):
     save_png(fig, path)
 
 
-def plot_bench_breakdown(rows, path, title):
-    """Stacked bars per (engine, threads): forward, error, update, synchronisation."""
+def plot_bench_breakdown(rows, path, title, phases):
+    """Stacked bars per (engine, threads): the profiled phases (each row has PHASE_s for each of
+    `phases`); beside them the fastest measured run and the synchronisation alone (which the
+    phases contain)."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
     labels = [f"{r['engine']}\n{r['threads']}t" for r in rows]
     bottom = [0.0] * len(rows)
-    for key, name in (("forward_s", "forward"), ("error_s", "error"), ("update_s", "update"),
-                      ("sync_s", "fork/join or barriers (empty, measured)")):
-        vals = [r[key] for r in rows]
-        ax.bar(labels, vals, bottom=bottom, label=name)
+    for phase in phases:
+        vals = [r[f"{phase}_s"] for r in rows]
+        ax.bar(labels, vals, bottom=bottom, label=f"{phase} (profiled run)")
         bottom = [b + v for b, v in zip(bottom, vals)]
     ax.scatter(labels, [r["total_s"] for r in rows], marker="_", s=400, color="black",
-               label="measured total", zorder=3)
+               label="fastest run (not profiled)", zorder=3)
+    ax.scatter(labels, [r["sync_s"] for r in rows], marker="v", color="red", zorder=3,
+               label="fork/joins or barriers alone (empty, probed)")
     ax.set_ylabel("seconds per run")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, axis="y")

@@ -148,6 +148,9 @@ def run(opts, log=print):
         note(f"each run trains {len(w.X)} samples x {cfg.epochs} epoch(s); 'epoch_60k_s' scales "
              f"its time by {scale60k:.3g} to one epoch of {overhead.EPOCH} samples")
 
+    if "serial" in engines and set(opts.threads) - {1}:
+        note("engine serial starts no threads: it runs at 1 thread only (the other --threads "
+             "counts apply to the other engines)")
     # what runs: (kind, name, threads) -> a callable taking warm_up= and returning a dict
     configs = {}
     for name, engine in engines.items():

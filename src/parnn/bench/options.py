@@ -28,6 +28,19 @@ def int_list(text):
             f"expected comma-separated integers like 256,128, got {text!r}") from None
 
 
+def seconds(text):
+    """'2.5' -> 2.5: a finite number of seconds (nan and inf are refused, not waited for)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}")
+    return value
+
+
 def names(text):
     """'serial, owner' -> ('serial', 'owner'); empty items dropped."""
     return tuple(v.strip() for v in text.split(",") if v.strip())
@@ -73,7 +86,7 @@ class Options:
                            "and the model")
     dense: bool = flag(False, "--dense", help="per-sample engines visit every input weight row, "
                        "even for zero pixels (like the C reference; same results)")
-    quiet_wait: float = flag(0.0, "--quiet-wait", type=float, metavar="S",
+    quiet_wait: float = flag(0.0, "--quiet-wait", type=seconds, metavar="S",
                              help="before each timed run wait up to S seconds for other "
                              "processes to go quiet (< 0.25 cores busy); default 0 = do not wait")
     out: Path = flag(Path("runs/bench"), "--out", always=True, type=Path, metavar="DIR",

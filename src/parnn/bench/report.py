@@ -138,6 +138,8 @@ def report(res):
             out.append(f"{q['threads']:>7} | {q['time_s']:13.2f} | {q['compute_s']:7.2f} | "
                        f"{q['overhead_s']:8.2f} | {t1 / q['time_s']:7.2f} || "
                        f"{_f(pt, '9.2f')} | {_f(pt and PAPER_TIMES[1] / pt, '.2f')}")
+    if wl["name"] != "paper" or not (res.get("breakdown") or res.get("model")):
+        return "\n".join(out)   # the paper's per-region overheads explain only that breakdown
     imp = res["paper"]["implied_overhead_us_per_region"]
     fp = res["paper"]["model_fit"]
     out += ["", "The paper's table implies, if its compute scaled perfectly, an overhead per "
@@ -166,6 +168,9 @@ def write_results(res, out):
     title = (f"{wl['id']} {wl['name']}: {'-'.join(map(str, wl['sizes']))}, {wl['dtype']} — "
              f"{res['machine']['cpu']}, {res['machine']['usable_cores']} cores, "
              f"{res['started_utc'][:10]}")
+    if wl["samples"] * wl["epochs"] != EPOCH:
+        title += (f"\ntimes of {wl['epochs']} epoch(s) x {wl['samples']} samples, scaled to one "
+                  f"epoch of {EPOCH}")
     series = {}
     for r in res["results"]:
         label = {"engine": "", "peer": "peer ", "c-reference": "C "}[r["kind"]] + r["name"]
@@ -179,7 +184,7 @@ def write_results(res, out):
                               for k, v in series.items()}, paper, paths[-1], title)
     if res.get("breakdown"):
         paths.append(out / "breakdown.png")
-        plot_breakdown(res["breakdown"], paths[-1], title)
+        plots.plot_bench_breakdown(res["breakdown"], paths[-1], title, PHASES)
     if res.get("model"):
         paths.append(out / "model.png")
         measured = [(r["threads"], r["time_min_s"] * EPOCH / r["samples"]) for r in res["results"]
@@ -187,32 +192,3 @@ def write_results(res, out):
         plots.plot_bench_model(res["model"]["prediction"], measured, PAPER_TIMES, paths[-1],
                                title, res["paper"]["model_fit"]["fitted_s"])
     return paths
-
-
-
-def plot_breakdown(rows, path, title):
-    """Stacked bars per (engine, threads): the profiled phases; beside them the fastest
-    measured run and the synchronisation alone (which the phases contain)."""
-    import matplotlib
-
-    from parnn.plots import save_png
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
-    labels = [f"{r['engine']}\n{r['threads']}t" for r in rows]
-    bottom = [0.0] * len(rows)
-    for phase in PHASES:
-        vals = [r[f"{phase}_s"] for r in rows]
-        ax.bar(labels, vals, bottom=bottom, label=f"{phase} (profiled run)")
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    ax.scatter(labels, [r["total_s"] for r in rows], marker="_", s=400, color="black",
-               label="fastest run (not profiled)", zorder=3)
-    ax.scatter(labels, [r["sync_s"] for r in rows], marker="v", color="red", zorder=3,
-               label="fork/joins or barriers alone (empty, probed)")
-    ax.set_ylabel("seconds per run")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, axis="y")
-    ax.set_title(title, fontsize=9)
-    save_png(fig, path)

@@ -68,6 +68,11 @@ def run_training(cfg, data, *, validation=None, test_every_epoch=False, **option
     (parnn.run.train.fit, which takes the other options: progress, log, checkpoints, resume,
     engine, on_epoch, on_chunk). The test set, if data has one, is scored at the end only,
     unless test_every_epoch. Returns fit's Result."""
+    from parnn.run import memory
+
+    # Before anything big is allocated (parnn train checked the same before loading the data).
+    memory.check(cfg, cfg.spec(data.X_train.shape[1], len(data.class_names)),
+                 len(data.X_train), 0, data_loaded=True)
     rows = None
     if validation is None and cfg.validation_split:
         try:

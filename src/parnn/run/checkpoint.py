@@ -40,8 +40,9 @@ from pathlib import Path
 import numpy as np
 
 from parnn import io
-from parnn.engines import EpochStats
+from parnn.engines import EpochStats, available
 from parnn.errors import ModelFileError, ParnnError
+from parnn.paths import path_kind, shown
 from parnn.core.model import Spec
 from parnn.core.optim import make_optimizer
 from parnn.run.config import TrainConfig
@@ -49,6 +50,7 @@ from parnn.run.train import Position
 
 NEWEST = "checkpoint.safetensors"
 PREVIOUS = "checkpoint.prev.safetensors"
+FILES = (NEWEST, PREVIOUS)
 VERSION = 1
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -246,7 +248,7 @@ def _parse(path, arrays, meta):
     if not isinstance(c, dict) or set(c) != names:
         raise ValueError("the training settings are missing or malformed")
     cfg = TrainConfig(**c)   # checks every setting's type and range (run/config.py)
-    spec = io._spec(path, {"spec": meta["spec"]})
+    spec = io.network_spec(path, meta["spec"])
     if spec != cfg.spec(spec.sizes[0], spec.sizes[-1]):
         raise ValueError("the network spec does not match the training settings")
 
@@ -277,18 +279,59 @@ def _parse(path, arrays, meta):
     seconds = _number(p["seconds"], "seconds")
     np.random.default_rng().bit_generator.state = meta["order_rng"]  # raises if malformed
     history = meta["history"]
-    if not isinstance(history, list) or len(history) != epoch - 1 or \
-            not all(isinstance(r, dict) for r in history):
+    if not isinstance(history, list) or len(history) != epoch - 1:
         raise ValueError(f"the history does not have {epoch - 1} rows")
+    for i, row in enumerate(history, 1):
+        _check_row(row, i)
     run, engine = meta.get("run", {}), meta.get("engine")
-    if engine is not None and not isinstance(engine, str):
-        raise ValueError(f"engine {engine!r} is not a name")
+    if engine is not None and engine not in available():
+        raise ValueError(f"engine {engine!r} is not one of {', '.join(available())}")
     if not isinstance(run, dict):
         raise ValueError("'run' is not a JSON object")
+    _check_run(run)
     _check_best(cfg, history, best_epoch, stopped, arrays.get("best.params"), params)
     pos = Position(epoch, done, meta["order_rng"], stats, seconds, history, best_epoch, None,
                    stopped)
     return Checkpoint(path, cfg, spec, pos, _int(meta["step"], "step"), arrays, run, engine)
+
+
+# A history row's measures (run/train.py's rows): required ones, and those a row may have.
+ROW_REQUIRED = ("loss", "train_acc", "seconds", "samples_per_s")
+ROW_OPTIONAL = ("val_loss", "val_acc", "test_acc")
+ROW_FRACTIONS = ("train_acc", "val_acc", "test_acc")
+
+
+def _check_row(row, epoch):
+    """Row `epoch` of the history: its epoch number, and only finite numbers where run/train.py
+    puts them (fractions for accuracies, >= 0 for losses and times); nothing else."""
+    if not isinstance(row, dict) or row.get("epoch") != epoch or type(row["epoch"]) is not int:
+        raise ValueError(f"history row {epoch} is not a row of epoch {epoch}")
+    missing = [k for k in ROW_REQUIRED if k not in row]
+    unknown = [k for k in row if k != "epoch" and k not in ROW_REQUIRED + ROW_OPTIONAL]
+    if missing or unknown:
+        raise ValueError(f"history row {epoch} " + (f"lacks {', '.join(missing)}" if missing else
+                                                    f"has unknown {', '.join(map(repr, unknown))}"))
+    for k, v in row.items():
+        if k == "epoch":
+            continue
+        v = _number(v, f"history row {epoch}'s {k}")
+        if v < 0 or (k in ROW_FRACTIONS and v > 1):
+            raise ValueError(f"history row {epoch}'s {k} {v!r} is out of range")
+
+
+def _check_run(run):
+    """The caller's record (run.resume.RunRecord's fields, when there) has the right types, so
+    nothing acts on a malformed one; RunRecord.of_checkpoint checks what it means."""
+    for k in ("dataset", "data_dir", "out"):
+        if k in run and not isinstance(run[k], str):
+            raise ValueError(f"run.{k} {run[k]!r} is not a string")
+    sha = run.get("sha256", {})
+    if not (isinstance(sha, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                          for k, v in sha.items())):
+        raise ValueError("run.sha256 is not a table of file digests")
+    for k in ("limit_train", "limit_test", "checkpoint_every"):
+        if run.get(k) is not None:
+            _int(run[k], f"run.{k}", 1)
 
 
 def _check_best(cfg, history, best_epoch, stopped, best, params):
@@ -322,14 +365,20 @@ def load(directory, warn=None) -> Checkpoint:
     """The newest usable checkpoint in `directory` (a checkpoint directory, or a run's output
     directory holding checkpoints/), else the previous one (warn(message) says why)."""
     d = Path(directory)
-    if not d.is_dir():
-        raise ModelFileError(f"{d}: no such checkpoint directory" if not d.exists() else
-                             f"{d}: not a directory (--resume takes the checkpoint directory)")
-    if not (d / NEWEST).exists() and not (d / PREVIOUS).exists() and (d / "checkpoints").is_dir():
+    kind = path_kind(d, ModelFileError)
+    if kind != "dir":
+        raise ModelFileError(f"{shown(d)}: no such checkpoint directory" if kind is None else
+                             f"{shown(d)}: not a directory (--resume takes the checkpoint "
+                             "directory)")
+    present = {name: path_kind(d / name, ModelFileError) is not None
+               for name in (NEWEST, PREVIOUS)}
+    if not any(present.values()) and path_kind(d / "checkpoints", ModelFileError) == "dir":
         d = d / "checkpoints"
+        present = {name: path_kind(d / name, ModelFileError) is not None
+                   for name in (NEWEST, PREVIOUS)}
     errors = []
     for name in (NEWEST, PREVIOUS):
-        if not (d / name).exists():
+        if not present[name]:
             continue
         try:
             ck = read(d / name)
@@ -340,8 +389,8 @@ def load(directory, warn=None) -> Checkpoint:
             warn(f"{errors[0]}; using the previous checkpoint {ck.path}")
         return ck
     if not errors:
-        raise ModelFileError(f"{d}: no checkpoint here (expected {NEWEST})")
-    raise ModelFileError(f"{d}: no usable checkpoint: {'; '.join(errors)}")
+        raise ModelFileError(f"{shown(d)}: no checkpoint here (expected {NEWEST})")
+    raise ModelFileError(f"{shown(d)}: no usable checkpoint: {'; '.join(errors)}")
 
 
 def peek(directory):

@@ -126,6 +126,14 @@ CONSTRAINTS = {
 }
 
 
+def usable_cores():
+    """The cores this process may run on (its CPU affinity), not all the machine has."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):   # not Linux
+        return os.cpu_count() or 1
+
+
 # --- the settings and the presets ----------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -154,7 +162,7 @@ class TrainConfig:
     early_stopping: int | None = None
     seed: int = 1
     engine: str = "auto"
-    threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    threads: int = field(default_factory=usable_cores)
 
     def __post_init__(self):
         if isinstance(self.hidden, list):   # as JSON and callers may give it
@@ -225,6 +233,26 @@ def lr_at(cfg, epoch):
 
 
 # --- with the data: the batch size and the engine ------------------------------------------------
+
+def capped_threads(cfg, warn=None):
+    """cfg with at most usable_cores() threads: more only slow every step down (threads that
+    wait for a core) and would be recorded as if they had run. warn(message) hears of it."""
+    cores = usable_cores()
+    if cfg.threads <= cores:
+        return cfg
+    if warn is not None:
+        warn(f"--threads {cfg.threads} is more than the {cores} core(s) this process may use: "
+             f"using {cores}")
+    return replace(cfg, threads=cores)
+
+
+def check_engine(cfg, spec):
+    """Before the data loads: an explicit engine that refuses the run says so now, for a batch
+    size known up front (an int); "full" needs the training set's size, so pick_engine checks
+    it then, as it checks "auto"."""
+    if cfg.engine != "auto" and cfg.batch_size != "full":
+        make_engine(cfg.engine).check(spec, cfg.optimizer, cfg.batch_size)
+
 
 def batch_size_for(cfg, n_train, held_out=0):
     """Samples per optimizer step on a training set of n_train samples (held_out: how many the

@@ -25,10 +25,15 @@ def out_dir(cfg, out=None):
     return Path(out) if out is not None else Path("runs") / cfg.preset
 
 
+# The files of a run's output directory, by role.
+NAMES = {"model": "model.safetensors", "history_json": "history.json",
+         "history_csv": "history.csv", "plot": "history.png"}
+FILES = tuple(NAMES.values())
+
+
 def paths(out):
     out = Path(out)
-    return {"model": out / "model.safetensors", "history_json": out / "history.json",
-            "history_csv": out / "history.csv", "plot": out / "history.png"}
+    return {role: out / name for role, name in NAMES.items()}
 
 
 def model_metadata(result, data, classes=None, inputs="pixels"):
@@ -101,8 +106,5 @@ def save_run(out, result, data):
     test = result.test_acc is not None
     io.atomic_write_csv(files["history_csv"], result.history,
                         history_columns(result.history, test))
-    # plots.plot_history draws test_acc for every row; it is measured at the end only (unless
-    # --test-every-epoch), so the other epochs are gaps in its line.
-    rows = [{"test_acc": float("nan"), **r} for r in result.history]
-    plots.plot_history(rows, files["plot"], title=f"parnn {result.config.preset}")
+    plots.plot_history(result.history, files["plot"], title=f"parnn {result.config.preset}")
     return files

@@ -14,12 +14,13 @@ import os
 from pathlib import Path
 
 from parnn.errors import ConfigError, ModelFileError
+from parnn.paths import path_kind
 from parnn.run import checkpoint
 
 # What a resumed run keeps: a setting given again may repeat the saved value, not change it.
 KEPT_ON_RESUME = ("preset", "hidden", "activation", "output", "loss", "init", "dtype", "optimizer",
-                  "lr", "lr_schedule", "momentum", "batch_size", "seed", "engine", "dataset",
-                  "limit_train", "limit_test")
+                  "lr", "lr_schedule", "momentum", "batch_size", "validation_split",
+                  "early_stopping", "seed", "engine", "dataset", "limit_train", "limit_test")
 MAY_CHANGE = "--epochs, --threads, --checkpoint-every, --out, --data and --no-progress"
 
 
@@ -91,7 +92,8 @@ def recorded_data(record, data_dir, dtype):
     ConfigError if those bytes differ from the recorded ones."""
     from parnn.data import load_dataset
 
-    where = data_dir or (record.data_dir if Path(record.data_dir).is_dir() else None)
+    where = data_dir or (record.data_dir if path_kind(record.data_dir, ConfigError) == "dir"
+                         else None)
     ds = load_dataset(record.dataset, where, dtype, record.limit_train, record.limit_test)
     if ds.sha256 != record.sha256:
         raise ConfigError(f"the data in {ds.source} differs from the data the checkpoint was "
@@ -101,7 +103,7 @@ def recorded_data(record, data_dir, dtype):
 
 def refuse_unfinished(ckdir):
     """A new run must not rotate away the checkpoints of an unfinished one."""
-    ck = checkpoint.peek(ckdir) if Path(ckdir).is_dir() else None
+    ck = checkpoint.peek(ckdir) if path_kind(ckdir, ConfigError) == "dir" else None
     if ck is not None and not ck.finished:
         raise ConfigError(f"{ckdir} holds the checkpoint of an unfinished run (epoch "
                           f"{ck.position.epoch} of {ck.config.epochs}, step {ck.step}): continue "

@@ -16,8 +16,13 @@ from pathlib import Path
 
 from parnn.errors import ConfigError, ParnnError
 from parnn.io import check_output_dir
-from parnn.run import api, checkpoint, outputs
+from parnn.paths import shown
+from parnn.run import api, checkpoint, memory, outputs, rundir
+from parnn.run.config import capped_threads, check_engine
 from parnn.run.resume import RunRecord, recorded_data, refuse_unfinished, resumed_config
+
+# Both datasets parnn knows are 28x28 images (parnn.data.DATASETS gives their classes).
+N_FEATURES = 28 * 28
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,7 @@ class RunOptions:
     checkpoint_every: int | None = None   # optimizer steps; None: after every epoch only
     progress: bool = True
     test_every_epoch: bool = False        # score the test set after each epoch, not only at the end
+    overwrite: bool = False               # a new run may replace a trained model in `out`
 
     def __post_init__(self):
         if self.checkpoint_every is not None and self.checkpoint_every < 1:
@@ -40,19 +46,30 @@ class RunOptions:
                               f"got {self.checkpoint_every}")
 
 
-def start(cfg, opts, log=print):
-    """A new run of cfg (a checked TrainConfig)."""
+def start(cfg, opts, log=print, warn=None):
+    """A new run of cfg (a checked TrainConfig). warn(message) hears of --threads capped."""
     from parnn.data import load_dataset
 
+    cfg = capped_threads(cfg, warn)
     out = outputs.out_dir(cfg, opts.out)
     ckdir = opts.checkpoint_dir or out / "checkpoints"
-    check_output_dir(out, "--out")
-    check_output_dir(ckdir, "--checkpoint-dir")
-    refuse_unfinished(ckdir)
-    ds = load_dataset(opts.dataset or "fashion-mnist", opts.data, cfg.dtype, opts.limit_train,
-                      opts.limit_test)
-    record = RunRecord.of(ds, opts.limit_train, opts.limit_test, out, opts.checkpoint_every)
-    return _train_and_save(cfg, ds, out, ckdir, record, None, opts, log)
+    check_output_dir(out, "--out", files=outputs.FILES)
+    check_output_dir(ckdir, "--checkpoint-dir", files=checkpoint.FILES)
+    rundir.refuse_in_use(out, "--out")
+    rundir.refuse_in_use(ckdir, "--checkpoint-dir")
+    refuse_replacing(out, ckdir, opts.overwrite)
+    dataset = opts.dataset or "fashion-mnist"
+    check_plan(cfg, dataset, opts.limit_train, opts.limit_test)
+    ds = load_dataset(dataset, opts.data, cfg.dtype, opts.limit_train, opts.limit_test)
+    with rundir.hold(out, "--out"), _hold_also(ckdir, out, "--checkpoint-dir"):
+        refuse_replacing(out, ckdir, opts.overwrite)   # again: another run may have finished
+        if opts.overwrite:   # never mix two runs' checkpoints (a fallback would resume the old)
+            for name in rundir.existing(ckdir, checkpoint.FILES):
+                (Path(ckdir) / name).unlink()
+        rundir.sweep(out, outputs.FILES)
+        rundir.sweep(ckdir, checkpoint.FILES)
+        record = RunRecord.of(ds, opts.limit_train, opts.limit_test, out, opts.checkpoint_every)
+        return _train_and_save(cfg, ds, out, ckdir, record, None, opts, log)
 
 
 def resume(directory, opts, settings, warn=None, log=print):
@@ -60,15 +77,68 @@ def resume(directory, opts, settings, warn=None, log=print):
 
     settings: TrainConfig settings given again (None: not given); KEPT_ON_RESUME ones must
     repeat the saved values, epochs and threads may change. warn(message) hears of a damaged
-    newest checkpoint that was passed over for the previous one."""
+    newest checkpoint that was passed over for the previous one, and of --threads capped."""
     ck, record, cfg = resumed(directory, opts, settings, warn)
     out = Path(opts.out or record.out)
-    check_output_dir(out, "--out")
-    check_output_dir(ck.path.parent, "--resume")
+    check_output_dir(out, "--out", files=outputs.FILES)
+    check_output_dir(ck.path.parent, "--resume", files=checkpoint.FILES)
+    rundir.refuse_in_use(out, "--out")
+    rundir.refuse_in_use(ck.path.parent, "--resume")
+    check_plan(capped_threads(cfg), record.dataset, record.limit_train, record.limit_test)
     ds = recorded_data(record, opts.data, cfg.dtype)   # the data may have moved (--data)
-    record = replace(record, out=str(out.absolute()),
-                     checkpoint_every=opts.checkpoint_every or record.checkpoint_every)
-    return _train_and_save(cfg, ds, out, ck.path.parent, record, ck, opts, log)
+    ckdir = ck.path.parent
+    with rundir.hold(out, "--out"), _hold_also(ckdir, out, "--resume"):
+        # Read again under the lock: another run may have carried it on meanwhile.
+        ck, record, cfg = resumed(directory, opts, settings)
+        cfg = capped_threads(cfg, warn)
+        rundir.sweep(out, outputs.FILES)
+        rundir.sweep(ckdir, checkpoint.FILES)
+        record = replace(record, out=str(out.absolute()),
+                         checkpoint_every=opts.checkpoint_every or record.checkpoint_every)
+        return _train_and_save(cfg, ds, out, ckdir, record, ck, opts, log)
+
+
+def _hold_also(directory, held, flag):
+    """rundir.hold(directory), unless it is the directory already held (one lock each)."""
+    import contextlib
+
+    if Path(directory).absolute() == Path(held).absolute():
+        return contextlib.nullcontext()
+    return rundir.hold(directory, flag)
+
+
+def check_plan(cfg, dataset, limit_train=None, limit_test=None, processes=1):
+    """Before the data loads: an explicit engine that refuses the run, and a run that needs more
+    memory than this machine has (processes: how many such runs share it, MPI ranks)."""
+    from parnn.data import DATASETS
+
+    known = DATASETS.get(dataset)
+    if known is None:
+        return   # load_dataset says which names exist
+    spec = cfg.spec(N_FEATURES, len(known.classes))
+    check_engine(cfg, spec)
+    # The most the dataset's files can hold (a directory may hold fewer; never more).
+    n_train, n_test = (known.files[f"{role}-labels"].size - 8 for role in ("train", "t10k"))
+    memory.check(cfg, spec, min(n_train, limit_train or n_train),
+                 min(n_test, limit_test or n_test), processes)
+
+
+def refuse_replacing(out, ckdir, overwrite=False):
+    """A new run must not silently replace a trained model or another run's checkpoints; an
+    unfinished run's checkpoints are kept even with overwrite (resume it, or delete them)."""
+    refuse_unfinished(ckdir)
+    if overwrite:
+        return
+    model = rundir.existing(out, ("model.safetensors",))
+    if model:
+        raise ConfigError(f"--out {shown(out)} already holds a trained model "
+                          f"({model[0]}): pass --overwrite to replace it and its history, or "
+                          "choose another --out")
+    if rundir.existing(ckdir, checkpoint.FILES):
+        raise ConfigError(f"{shown(ckdir)} holds the checkpoints of a finished run whose model "
+                          f"is not in --out {shown(out)}: pass --overwrite to replace them, "
+                          f"`{checkpoint.resume_command(ckdir)}` to write its model, or choose "
+                          "another --out or --checkpoint-dir")
 
 
 def resumed(directory, opts, settings, warn=None):

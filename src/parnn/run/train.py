@@ -119,7 +119,7 @@ def chunk_size(engine, batch_size, n, max_chunk=None):
 # --- the loop --------------------------------------------------------------------------------
 
 def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, resume=None,
-        engine=None, *, rows=None, validation=None, test_every_epoch=True, on_epoch=None):
+        engine=None, *, rows=None, validation=None, test_every_epoch=False, on_epoch=None):
     """Train a network on data (a parnn.data.Dataset, or anything with its X_train, y_train,
     X_test, y_test and class_names; X_test may be None); returns a Result.
     parnn.run.api.run_training is the way in that carves cfg.validation_split and calls this.
@@ -127,9 +127,9 @@ def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, re
     rows: the rows of data.X_train to train on (None: all of them).
     validation: a Subset scored after every epoch (val_loss, val_acc in its row); early
     stopping (cfg.early_stopping) watches its loss, so needs one.
-    test_every_epoch: score the test set after every epoch (test_acc in every row), as this
-    loop always did; if False only once, at the end, on the weights returned (test_acc in the
-    row of the epoch they are from). run_training passes False unless asked.
+    test_every_epoch: score the test set after every epoch too (test_acc in every row); by
+    default only once, at the end, on the weights returned (test_acc in the row of the epoch
+    they are from), so the test set never steers training.
     on_epoch(row) is called after each epoch's row is recorded and checkpointed.
     on_chunk(epoch, done, net, opt) is called after every engine call (tests).
     checkpoints: a parnn.run.checkpoint.Checkpointer or None. It saves after every epoch and every

@@ -2,24 +2,38 @@
 
 Every user mistake ends as one line `parnn: error: ...` on stderr and exit status 2; SIGINT or
 SIGTERM during training ends as one line too (after a checkpoint), with status 128 + signal.
+Under an MPI launcher it is still one line for the whole job: a `parnn train` rank that fails
+before MPI starts joins the other ranks' set-up exchange, and rank 0 speaks
+(parnn.distributed.fail_early).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 from parnn import __version__
-from parnn.errors import ParnnError
+from parnn.errors import ConfigError, ParnnError
+
+
+class UsageError(ParnnError):
+    """argparse's complaint about the command line; `prog` is the (sub)command's name."""
+
+    def __init__(self, prog, message):
+        super().__init__(f"{message} (see '{prog} --help')")
+        self.prog = prog
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line (what was wrong, where to look)."""
+    """argparse, but a usage mistake is one line (what was wrong, where to look), printed by
+    main (which, under an MPI launcher, lets rank 0 say it for every rank)."""
 
     def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        raise UsageError(self.prog, message)
 
 
 def _int_list(text):
@@ -76,7 +90,8 @@ def build_parser():
     top = Parser(prog="parnn", description="Train feedforward neural networks on Fashion-MNIST "
                  "in parallel (per-neuron threads, Hogwild, mini-batch BLAS, MPI).")
     top.add_argument("--version", action="version", version=f"parnn {__version__}")
-    sub = top.add_subparsers(dest="command", required=True, parser_class=Parser)
+    # Not required: bare `parnn` prints this help (main), not argparse's internal names.
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
 
     t = sub.add_parser("train", help="train a network and report its test accuracy",
                        description="Train a network. A preset gives every setting; any flag "
@@ -132,7 +147,15 @@ def build_parser():
     o.add_argument("--out", type=Path, metavar="DIR",
                    help="where the model, history and plot go (default: runs/PRESET); "
                    "history.csv gains a row after every epoch")
-    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace a trained model (and its history and checkpoints) already in "
+                   "--out; without it such a run is refused")
+    o.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (there is none when stderr is not a terminal: the log "
+                   "has a line per epoch)")
+    o.add_argument("--json", action="store_true",
+                   help="print one JSON object at the end (test accuracy, history, files, "
+                   "settings) on stdout; the log goes to stderr")
     o.add_argument("--checkpoint-dir", type=Path, metavar="DIR",
                    help="where checkpoints go (default: OUT/checkpoints); one is written after "
                    "every epoch, every --checkpoint-every steps, and on Ctrl-C or SIGTERM")
@@ -146,21 +169,44 @@ def build_parser():
     g.add_argument("--shards", choices=("disjoint", "bootstrap"),
                    help="ensemble members' training data: disjoint parts (default) or "
                    "bootstrap samples of n/K")
+    g.add_argument("--rank-timeout", type=float, metavar="SECONDS",
+                   help="end the whole job, naming the rank, when a rank has been silent this "
+                   "long (stopped, hung); 0 = wait forever (default: 60)")
 
-    e = sub.add_parser("evaluate", help="accuracy, per-class accuracy and confusion matrix of a model")
+    e = sub.add_parser("evaluate", help="accuracy, precision, recall, F1 and confusion matrix "
+                       "of a model on a test set",
+                       description="Score a model (or an ensemble: its soft vote) on the test "
+                       "set of the dataset it was trained on; another dataset is refused.")
     e.add_argument("model", type=Path, help="a model or ensemble file (model.safetensors)")
-    e.add_argument("--limit-test", type=int, metavar="N", help="the first N test images only")
+    e.add_argument("--limit-test", type=int, metavar="N",
+                   help="score the first N test images only (default: all)")
+    e.add_argument("--figure", type=Path, metavar="PATH",
+                   help="also draw the confusion matrix into PATH (PNG)")
+    e.add_argument("--json", action="store_true",
+                   help="print one JSON object (accuracy, per-class precision, recall and F1, "
+                   "the confusion matrix) instead of the report")
     _add_data_args(e)
 
-    p = sub.add_parser("predict", help="classify your own images (PNG/JPEG, or .npy arrays)")
+    p = sub.add_parser("predict", help="classify your own images (PNG/JPEG, or .npy arrays)",
+                       description="One line per picture: the file, then the class number, "
+                       "its name and its probability (--top-k: the K most likely, best first), "
+                       "tab-separated. A file that cannot be read gets its own error line and "
+                       "the others are still predicted; the exit status is then 1.")
     p.add_argument("model", type=Path, help="a model or ensemble file (model.safetensors)")
-    p.add_argument("images", type=Path, nargs="+", help="image files: PNG, JPEG or .npy")
+    p.add_argument("images", type=Path, nargs="+", metavar="PICTURE",
+                   help="picture files (PNG, JPEG, ...), .npy arrays (28x28, or stacks "
+                   "(N,28,28) or (N,784): one line each, FILE[i]), or directories of them")
+    p.add_argument("--top-k", type=int, default=1, metavar="K",
+                   help="show the K most likely classes of each picture (default: 1)")
+    p.add_argument("--json", action="store_true",
+                   help="one JSON object per picture and line: file, class, name, probability, "
+                   "top")
     p.add_argument("--invert", choices=("auto", "yes", "no"), default="auto",
                    help="Fashion-MNIST is light clothing on black; auto inverts images whose "
-                   "border is light")
+                   "border is light (default: auto)")
 
     d = sub.add_parser("data", help="find, describe or download the dataset")
-    dsub = d.add_subparsers(dest="data_command", required=True, parser_class=Parser)
+    dsub = d.add_subparsers(dest="data_command", metavar="COMMAND", parser_class=Parser)
     f = dsub.add_parser("fetch", help="download the four IDX files into the user cache, verified")
     f.add_argument("--dataset", default="fashion-mnist", choices=("fashion-mnist", "mnist"))
     f.add_argument("--dest", type=Path, metavar="DIR", help="default: the user cache")
@@ -180,19 +226,123 @@ def build_parser():
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        return COMMANDS[args.command](args) or 0
+        try:
+            args = build_parser().parse_args(argv)
+            if args.command is None or (args.command == "data" and args.data_command is None):
+                return _help(argv)
+            _check_environment(args.command)
+            return COMMANDS[args.command](args) or 0
+        except (ParnnError, MemoryError, OSError) as err:
+            if _mpi_train(argv):   # one rank of several: the job ends with one line, rank 0's
+                return _fail_early(err, argv)
+            raise
+    except UsageError as err:
+        print(f"{err.prog}: error: {_line(err)}", file=sys.stderr)
+        return 2
     except ParnnError as err:
-        print(f"parnn: error: {err}", file=sys.stderr)
+        _error(err)
         return getattr(err, "exit_status", 2)  # checkpoint.Interrupted: 128 + the signal
     except MemoryError as err:  # e.g. --hidden 1000000000: a user mistake, not a bug
-        print(f"parnn: error: out of memory ({' '.join(str(err).split()) or 'MemoryError'})",
-              file=sys.stderr)
+        _error(_memory_error(err))
+        return 2
+    except OSError as err:  # the last resort: a probe or a write that no check foresaw
+        _error(_os_error(err))
         return 2
     except KeyboardInterrupt:
         print("parnn: interrupted", file=sys.stderr)
         return 130
+
+
+def _help(argv):
+    """Bare `parnn` or `parnn data`: their help, not argparse's internal names."""
+    parser = build_parser()
+    if argv[:1] == ["data"]:
+        parser = next(a for a in parser._actions
+                      if isinstance(a, argparse._SubParsersAction)).choices["data"]
+    parser.print_help()
+    return 2
+
+
+def _check_environment(command):
+    """Settings from the environment that a library would only warn about, several lines at
+    a time, and then ignore: one line, before any work."""
+    from parnn.paths import shown
+
+    value = os.environ.get("NUMBA_NUM_THREADS")
+    if command in ("train", "bench") and value is not None and \
+            not (value.strip().isdigit() and int(value) >= 1):
+        raise ConfigError(f"$NUMBA_NUM_THREADS must be a whole number >= 1 (the size of Numba's "
+                          f"thread pool), got '{shown(value)}': fix it or unset it")
+
+
+def _mpi_train(argv):
+    """Is this `parnn train` one of several processes an MPI launcher started, and has it not
+    yet reached parnn.distributed.train (whose own set-up exchange reports its problems)?"""
+    from parnn import distributed
+    from parnn.distributed import launch
+
+    return argv[:1] == ["train"] and launch.several() and not distributed.ENTERED
+
+
+def _fail_early(err, argv):
+    from parnn import distributed
+
+    if isinstance(err, MemoryError):
+        message = _memory_error(err)
+    elif isinstance(err, OSError):
+        message = _os_error(err)
+    else:
+        message = _line(err)
+    try:
+        return distributed.fail_early(message, _rank_timeout(argv))
+    except ParnnError as report:   # rank 0: the one line for the job
+        _error(report)
+        return 2
+
+
+def _rank_timeout(argv):
+    """--rank-timeout from argv if it parses, else the default (argv may be what failed)."""
+    from parnn.distributed import RANK_TIMEOUT
+
+    for i, a in enumerate(argv):
+        text = a.split("=", 1)[1] if a.startswith("--rank-timeout=") else \
+            argv[i + 1] if a == "--rank-timeout" and i + 1 < len(argv) else None
+        try:
+            value = float(text) if text is not None else None
+        except ValueError:
+            continue
+        if value is not None and 0 <= value < float("inf"):
+            return value
+    return RANK_TIMEOUT
+
+
+def _line(err):
+    from parnn.paths import shown
+
+    return shown(str(err))
+
+
+def _memory_error(err):
+    return f"out of memory ({' '.join(str(err).split()) or 'MemoryError'})"
+
+
+def _error(message):
+    """One line on stderr, whatever the message holds: a newline in a path or a name is shown
+    escaped (parnn.paths.shown), never as a second line."""
+    from parnn.paths import shown
+
+    print(f"parnn: error: {shown(message)}", file=sys.stderr)
+
+
+def _os_error(err):
+    """An OSError as one line: the path(s) it names, and the system's reason."""
+    from parnn.paths import shown
+
+    where = " -> ".join(shown(f) for f in (err.filename, err.filename2) if f is not None)
+    why = err.strerror or " ".join(str(err).split()) or type(err).__name__
+    return f"{where}: {why}" if where else why
 
 
 # --- commands ----------------------------------------------------------------------------------
@@ -208,8 +358,8 @@ def cmd_train(args):
                               limit_test=args.limit_test, out=args.out,
                               checkpoint_dir=args.checkpoint_dir,
                               checkpoint_every=args.checkpoint_every,
-                              progress=not args.no_progress,
-                              test_every_epoch=args.test_every_epoch)
+                              progress=_progress(args),
+                              test_every_epoch=args.test_every_epoch, overwrite=args.overwrite)
     if args.distributed and (args.resume or args.checkpoint_dir or args.checkpoint_every):
         raise ConfigError("--resume, --checkpoint-dir and --checkpoint-every do not work with "
                           "--distributed yet")
@@ -220,12 +370,20 @@ def cmd_train(args):
     if args.shards is not None and not args.distributed:
         raise ConfigError("--shards only applies to --distributed ensemble (each member's share "
                           "of the training set)")
+    if args.json and args.distributed:
+        raise ConfigError("--json does not work with --distributed yet")
+    if args.rank_timeout is not None and not args.distributed:
+        raise ConfigError("--rank-timeout only applies to --distributed (how long a silent "
+                          "rank is waited for)")
+    _refuse_undistributed_launch(args)
+    # With --json stdout is the JSON alone: the log goes to stderr.
+    log = functools.partial(print, file=sys.stderr) if args.json else print
     # Every setting has a flag of its name; None = not given (the preset's or the checkpoint's).
     settings = {f.name: getattr(args, f.name) for f in fields(config.TrainConfig)}
     if args.resume is not None:
         if args.show_config:
             return _show_config(session.resumed(args.resume, opts, settings, warn=_warn)[2])
-        result, paths = session.resume(args.resume, opts, settings, warn=_warn)
+        result, paths = session.resume(args.resume, opts, settings, warn=_warn, log=log)
     else:
         cfg = config.make_config(settings.pop("preset") or config.DEFAULT_PRESET, **settings)
         if args.show_config:
@@ -233,7 +391,15 @@ def cmd_train(args):
         if args.distributed:  # every MPI rank runs this; mpi4py is imported only there
             # The distributed runs train on the whole training set: say so in their files.
             return _train_distributed(args, replace(cfg, validation_split=0.0))
-        result, paths = session.start(cfg, opts)
+        result, paths = session.start(cfg, opts, log=log, warn=_warn)
+    if args.json:
+        import json
+
+        print(json.dumps({"test_acc": result.test_acc, "epochs": len(result.history),
+                          "best_epoch": result.best_epoch, "stopped": result.stopped,
+                          "engine": result.engine, "files": {k: str(v) for k, v in paths.items()},
+                          "config": result.config.to_dict(), "history": result.history}))
+        return
     kept = f" (early stopping: the weights of epoch {result.best_epoch})" \
         if result.best_epoch is not None and result.best_epoch != len(result.history) else ""
     print(f"test accuracy {result.test_acc:.4f} after {len(result.history)} epoch(s){kept}; "
@@ -250,11 +416,33 @@ def _show_config(cfg):
 def _train_distributed(args, cfg):
     from parnn import distributed
 
+    timeout = {} if args.rank_timeout is None else {"rank_timeout": args.rank_timeout}
     opts = distributed.DistributedOptions(
         mode=args.distributed, shards=args.shards, dataset=args.dataset or "fashion-mnist",
         data=args.data, limit_train=args.limit_train, limit_test=args.limit_test, out=args.out,
-        threads=args.threads, progress=not args.no_progress)
+        threads=args.threads, progress=_progress(args), overwrite=args.overwrite, **timeout)
     return distributed.train(cfg, opts)
+
+
+def _refuse_undistributed_launch(args):
+    """`mpiexec -n 2 parnn train` without --distributed: two identical trainings writing the
+    same files. Refused on every rank (and reported once, by rank 0)."""
+    from parnn.distributed import launch
+
+    if args.distributed or not launch.several():
+        return
+    size = launch.launched()[1]
+    raise ConfigError(f"this process is one of {'several' if size is None else size} that an "
+                      f"MPI launcher started "
+                      f"({launch.describe()}), but --distributed is not given: each would train "
+                      "the same network into the same files; add --distributed ensemble or "
+                      "allreduce (docs/MPI.md), or run parnn train without mpiexec")
+
+
+def _progress(args):
+    """A progress bar only on a terminal: in a redirected log every frame would be a line (the
+    log has a line per epoch anyway)."""
+    return not args.no_progress and sys.stderr.isatty()
 
 
 def _warn(message):
@@ -271,60 +459,62 @@ def _check_limits(args):
 
 
 def cmd_evaluate(args):
-    from parnn import data as datamod
-    from parnn import io, metrics
-    from parnn.run.train import evaluate
+    from parnn.cli import models
 
     _check_limits(args)
-    nets, meta = io.load_any(args.model)
-    ds = datamod.load_dataset(args.dataset, args.data, nets[0].spec.dtype, 1, args.limit_test)
-    sizes = nets[0].spec.sizes
-    if (sizes[0], sizes[-1]) != (ds.n_features, ds.n_classes):
-        from parnn.errors import ModelFileError
-
-        raise ModelFileError(f"{args.model}: the model takes {sizes[0]} inputs and gives "
-                             f"{sizes[-1]} classes, {ds.name} has {ds.n_features} and "
-                             f"{ds.n_classes}")
-    from parnn.distributed import combine_outputs
-
-    if len(nets) == 1:
-        pred, _ = evaluate(nets[0], ds.X_test, ds.y_test)
-    else:
-        pred = combine_outputs([n.output(ds.X_test) for n in nets], "soft").argmax(1)
-    cm = metrics.confusion_matrix(ds.y_test, pred, len(ds.class_names))
-    print(f"model {args.model} ({len(nets)} network{'s' if len(nets) > 1 else ''}) "
-          f"on {len(ds.y_test)} test images from {ds.source}")
-    print(metrics.format_report(cm, ds.class_names))
+    models.evaluate(args, _warn)
 
 
 def cmd_predict(args):
-    from parnn import io
-    from parnn.images import load_images
+    from parnn.cli import models
 
-    nets, meta = io.load_any(args.model)
-    names = meta.get("class_names")
-    n_out = nets[0].spec.sizes[-1]
-    if not (isinstance(names, list) and len(names) == n_out and all(isinstance(n, str) for n in names)):
-        names = [str(i) for i in range(n_out)]  # a model saved without (usable) class names
-    X = load_images(args.images, nets[0].spec.sizes[0], nets[0].spec.dtype, args.invert)
-    outs = [n.output(X) for n in nets]
-    from parnn.distributed import combine_outputs
-
-    out = outs[0] if len(outs) == 1 else combine_outputs(outs, "soft")
-    for path, row in zip(args.images, out):
-        k = int(row.argmax())
-        print(f"{path}\t{k}\t{names[k]}")
+    return models.predict(args, models.print_error)
 
 
 def cmd_data(args):
     from parnn import data as datamod
 
     if args.data_command == "fetch":
-        path = datamod.fetch(args.dataset, args.dest)
-        print(f"{args.dataset} is in {path}")
+        return _fetch(args)
     else:
         ds = datamod.load_dataset(args.dataset, args.data)
         print(datamod.describe(ds))
+
+
+def _fetch(args):
+    """`parnn data fetch`: nothing to do when the data is already where parnn looks (installed
+    system-wide, or verified in the cache); a failed download leaves no empty directory."""
+    from parnn import data as datamod
+    from parnn.errors import DataError
+    from parnn.paths import path_kind, shown
+
+    dest = args.dest
+    if dest is None:
+        try:
+            found = datamod.find_data_dir(args.dataset)
+        except DataError:
+            found = None
+        if found is not None and Path(found) != datamod.cache_dir(args.dataset):
+            print(f"{args.dataset} is already in {shown(found)}, where parnn finds it: nothing "
+                  f"to fetch (`parnn data info --dataset {args.dataset}` verifies it; "
+                  "--dest DIR downloads a copy there)")
+            return 0
+        dest = datamod.cache_dir(args.dataset)
+    made = []   # the directories fetch will make: dest and its missing parents
+    for d in (Path(dest), *Path(dest).parents):
+        if path_kind(d, DataError) is not None:
+            break
+        made.append(d)
+    try:
+        path = datamod.fetch(args.dataset, dest)
+    except BaseException:
+        for d in made:   # only what this command made, and only while nothing is in it
+            try:
+                d.rmdir()
+            except OSError:
+                break
+        raise
+    print(f"{args.dataset} is in {shown(path)}")
 
 
 def cmd_bench(args):

@@ -1,0 +1,168 @@
+"""The two distributed modes, as every rank runs them once the set-up agreed
+(parnn.distributed.train): allreduce (one network, each batch split over the ranks) and
+ensemble (one network per rank, voted). Only rank 0 prints and writes; `comm` is a
+distributed.watchdog.Watched communicator, so no collective here can hang.
+
+Both write what a single run writes (run/outputs.py): model.safetensors, and history.json,
+history.csv and history.png with a single run's layout, one row per epoch. The ensemble's rows
+are the ensemble's: test_acc is the soft vote's accuracy after that epoch (hard_acc the hard
+vote's), loss and train_acc the members' means; each member's own rows are in history.json's
+"members".
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+
+import numpy as np
+
+from parnn.distributed import (SEED_STRIDE, VOTES, combine_outputs, member_seed,
+                               shard_indices)
+
+
+def train_allreduce(cfg, ds, engine, out, comm, progress, log, fail):
+    from parnn.io import params_sha256
+    from parnn.run.config import batch_size_for
+    from parnn.run.outputs import save_run
+    from parnn.run.train import fit
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    comm_at = {}   # epoch -> cumulative seconds in Allreduce after its last chunk
+
+    def on_chunk(epoch, done, net, opt):
+        comm_at[epoch] = engine.comm_seconds
+        fail(epoch, done)
+
+    bs = batch_size_for(cfg, len(ds.X_train))
+    log(f"allreduce on {size} rank(s): each batch of {bs} split among the ranks, one Allreduce "
+        f"of the gradient per batch, {cfg.threads} thread(s) per rank")
+    result = fit(cfg, ds, progress=progress, log=log, on_chunk=on_chunk, engine=engine,
+                 test_every_epoch=True)
+    before = 0.0
+    for row in result.history:
+        row["comm_seconds"] = comm_at[row["epoch"]] - before
+        before = comm_at[row["epoch"]]
+    digest = params_sha256(result.net.params)
+    digests = comm.allgather(digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"ranks ended with different weights: {digests}")
+    result.info.update(distributed="allreduce", ranks=size, params_sha256=digest,
+                       allreduce_calls=engine.calls, comm_seconds=engine.comm_seconds)
+    if rank != 0:
+        return 0
+    paths = save_run(out, result, ds)
+    share = engine.comm_seconds / max(sum(r["seconds"] for r in result.history), 1e-12)
+    print(f"weights identical on all {size} ranks (sha256 {digest[:16]}); "
+          f"{share:.0%} of training time in Allreduce" if size > 1 else
+          f"1 rank: {share:.0%} of training time in (trivial) Allreduce calls")
+    print(f"test accuracy {result.test_acc:.4f} after {len(result.history)} epoch(s); "
+          f"model saved to {paths['model']}")
+    return 0
+
+
+def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail):
+    from parnn.core.model import MLP
+    from parnn.run.outputs import model_metadata
+    from parnn.run.train import fit
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    idx = shard_indices(len(ds.X_train), rank, size, shards, cfg.seed)
+    shard = replace(ds, X_train=ds.X_train[idx], y_train=ds.y_train[idx])
+    mcfg = replace(cfg, seed=member_seed(cfg.seed, rank))
+    log(f"ensemble of {size}: rank r trains on its {shards} shard with seed {cfg.seed} + "
+        f"{SEED_STRIDE}*r; showing rank 0 ({len(idx)} samples)")
+    y = ds.y_test
+    votes = []   # rank 0: each epoch's accuracy of the soft and the hard vote
+
+    def on_chunk(epoch, done, net, opt):
+        fail(epoch, done)
+        if done == len(idx):   # the epoch's last chunk: these are the epoch's weights
+            outputs = gather_outputs(comm, net, ds.X_test)
+            if rank == 0:
+                votes.append({v: float(np.mean(combine_outputs(outputs, v).argmax(1) == y))
+                              for v in VOTES})
+
+    t0 = time.perf_counter()
+    result = fit(mcfg, shard, progress=progress, log=log, engine=engine, on_chunk=on_chunk,
+                 test_every_epoch=True)
+    seconds = time.perf_counter() - t0
+
+    # Rank 0 gathers the parameters into one NumPy buffer, and small per-member records.
+    net = result.net
+    params = np.empty((size, net.spec.n_params), net.dtype) if rank == 0 else None
+    comm.Gather(net.params, params, root=0)
+    members = comm.gather(dict(rank=rank, seed=mcfg.seed, n_train=len(idx),
+                               unique_samples=int(len(np.unique(idx))), seconds=seconds,
+                               engine=result.engine, threads=mcfg.threads,
+                               test_acc=result.test_acc, history=result.history), root=0)
+    if rank != 0:
+        return 0
+
+    acc = votes[-1]
+    rows = ensemble_rows(members, votes)
+    nets = [MLP(net.spec, np.ascontiguousarray(p)) for p in params]
+    info = dict(distributed="ensemble", mode="ensemble", ranks=size, shards=shards,
+                seed_stride=SEED_STRIDE, vote_in_file="soft", soft_acc=acc["soft"],
+                hard_acc=acc["hard"], wall_seconds=max(m["seconds"] for m in members))
+    meta = model_metadata(replace(result, config=cfg, history=rows), ds)
+    meta.update(test_acc=acc["soft"], distributed=info,
+                members=[{k: v for k, v in m.items() if k != "history"} for m in members])
+    paths = save_ensemble(out, nets, meta, cfg, result, members, rows)
+
+    print(f"{'member':>6} {'seed':>6} {'samples':>8} {'test_acc':>9}")
+    for m in members:
+        print(f"{m['rank']:>6} {m['seed']:>6} {m['n_train']:>8} {m['test_acc']:>9.4f}")
+    accs = [m["test_acc"] for m in members]
+    print(f"ensemble of {size} ({shards} shards): soft vote {acc['soft']:.4f}, hard vote "
+          f"{acc['hard']:.4f} (members: mean {np.mean(accs):.4f}, best {max(accs):.4f}); "
+          f"{info['wall_seconds']:.1f}s training")
+    print(f"test accuracy {acc['soft']:.4f} (soft vote) after {cfg.epochs} epoch(s); "
+          f"ensemble saved to {paths['model']}")
+    return 0
+
+
+def gather_outputs(comm, net, X):
+    """Every member's output layer on X, at rank 0 ((size, n, classes); None elsewhere)."""
+    mine = np.ascontiguousarray(net.output(X))
+    rank, size = comm.Get_rank(), comm.Get_size()
+    outputs = np.empty((size, *mine.shape), mine.dtype) if rank == 0 else None
+    comm.Gather(mine, outputs, root=0)
+    return outputs
+
+
+def ensemble_rows(members, votes):
+    """The ensemble's history, one row per epoch, in a single run's columns: loss and
+    train_acc are the members' means; test_acc the soft vote's accuracy (hard_acc the hard
+    vote's, member_test_acc the members' mean); an epoch lasts as long as its slowest member's."""
+    rows = []
+    for e, vote in enumerate(votes):
+        mine = [m["history"][e] for m in members]
+        seconds = max(r["seconds"] for r in mine)
+        n = sum(r["samples_per_s"] * r["seconds"] for r in mine)
+        rows.append(dict(epoch=e + 1, loss=float(np.mean([r["loss"] for r in mine])),
+                         train_acc=float(np.mean([r["train_acc"] for r in mine])),
+                         test_acc=vote["soft"], hard_acc=vote["hard"],
+                         member_test_acc=float(np.mean([r["test_acc"] for r in mine])),
+                         seconds=seconds, samples_per_s=n / seconds if seconds else 0.0))
+    return rows
+
+
+def save_ensemble(out, nets, meta, cfg, result, members, rows):
+    """model.safetensors (all members), history.json, history.csv and history.png as a single
+    run writes them (the voted rows), each atomically; history.json adds "distributed" and
+    "members" (each member's record and rows)."""
+    from parnn import io, plots
+    from parnn.run.outputs import history_columns, paths as output_paths
+
+    paths = output_paths(out)
+    io.save_ensemble(paths["model"], nets, meta)
+    io.atomic_write_json(paths["history_json"], {
+        "config": cfg.to_dict(), "engine": result.engine, "info": meta["distributed"],
+        "history": rows, "test_acc": meta["test_acc"], "best_epoch": None,
+        "distributed": meta["distributed"], "members": members})
+    io.atomic_write_csv(paths["history_csv"], rows, history_columns(rows, test=True))
+    plots.plot_history(rows, paths["plot"],
+                       title=f"parnn ensemble of {len(nets)}: soft vote (test), members' mean "
+                       "(loss, train)")
+    return paths
