@@ -554,3 +554,11 @@ def test_fetch_refuses_a_download_larger_than_the_file_can_be(tmp_path, monkeypa
     assert_data_error(lambda: fetch("tiny", dest=dest, base_url=root.as_uri(), progress=False),
                       "train-images-idx3-ubyte.gz", "nothing was kept", match="more than")
     assert list(dest.iterdir()) == []
+
+
+def test_nothing_found_names_the_fetch_for_that_dataset_and_the_data_flag(tmp_path):
+    """Issue 10 defect 4: the MNIST hint named a fetch of Fashion-MNIST and never --data."""
+    msg = assert_data_error(lambda: find_data_dir("mnist"), tmp_path / "system" / "mnist",
+                            tmp_path / "xdg-cache" / "parnn" / "mnist")
+    assert "parnn data fetch --dataset mnist" in msg and "--data DIR" in msg
+    assert "apt-get" not in msg                   # Debian packages Fashion-MNIST only

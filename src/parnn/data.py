@@ -370,9 +370,10 @@ def find_data_dir(dataset: str = "fashion-mnist", data_dir: str | os.PathLike | 
             problems.append(str(e))
     raise DataError(
         f"no {dataset} data found (looked in {', '.join(map(shown, looked))}; $PARNN_DATA is unset"
-        + "".join(f"; {p}" for p in problems) + "): run `parnn data fetch`"
+        + "".join(f"; {p}" for p in problems) + "): run `parnn data fetch"
+        + ("`" if dataset == "fashion-mnist" else f" --dataset {dataset}`")
         + (" or `apt-get install dataset-fashion-mnist`" if dataset == "fashion-mnist" else "")
-        + ", or pass the directory")
+        + ", or pass the directory with --data DIR")
 
 
 # ---------------------------------------------------------------- the dataset
