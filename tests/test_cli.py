@@ -5,6 +5,7 @@ a non-zero exit status, no traceback, and no existing file touched. The good pat
 --help of every subcommand, train -> evaluate -> predict on small synthetic data.
 """
 
+import json
 import gzip
 import hashlib
 import os
@@ -691,3 +692,23 @@ def test_data_fetch_does_not_download_what_is_installed(tmp_path):
     assert r.returncode == 0 and r.stderr == "", r.stderr
     assert r.stdout.startswith("fashion-mnist is already in /usr/share/datasets/fashion-mnist")
     assert not (tmp_path / "cache").exists()
+
+
+def test_info_and_export_of_a_trained_model(tmp_path):
+    """`parnn info` summarises a model file; `parnn export` writes an ONNX graph of it."""
+    data = write_dataset(tmp_path / "data")
+    run = parnn("train", "--data", data, "--epochs", "1", "--hidden", "16", "--no-progress",
+                "--out", tmp_path / "run")
+    assert run.returncode == 0, run.stderr
+    model = tmp_path / "run" / "model.safetensors"
+    info = parnn("info", model)
+    assert info.returncode == 0, info.stderr
+    assert "784-16-10" in info.stdout and "layers.1  dense    16 -> 10" in info.stdout
+    as_json = json.loads(parnn("info", model, "--json").stdout)
+    assert as_json["sizes"] == [784, 16, 10] and as_json["n_params"] == 784 * 16 + 16 + 16 * 10 + 10
+    bad = parnn("info", tmp_path / "nope.safetensors")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    pytest.importorskip("onnx")
+    out = parnn("export", model, tmp_path / "m.onnx")
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "m.onnx").stat().st_size > 4 * as_json["n_params"]

@@ -24,7 +24,7 @@ import pytest
 import safetensors.numpy
 from PIL import Image
 
-from parnn import io
+from parnn import io, paths
 from parnn.core.model import MLP, Spec
 from synthetic_data import parnn, write_dataset
 
@@ -490,14 +490,14 @@ def test_check_output_dir_refuses_outputs_that_could_not_be_replaced(tmp_path):
 
     (tmp_path / "history.json").mkdir()
     with pytest.raises(ConfigError, match="history.json is a directory, not a file"):
-        io.check_output_dir(tmp_path, "--out", files=("model.safetensors", "history.json"))
+        paths.check_output_dir(tmp_path, "--out", files=("model.safetensors", "history.json"))
     (tmp_path / "history.json").rmdir()
     (tmp_path / "model.safetensors").write_bytes(b"x")
     (tmp_path / "model.safetensors").chmod(0o444)
     with pytest.raises(ConfigError, match="model.safetensors is read-only"):
-        io.check_output_dir(tmp_path, "--out", files=("model.safetensors", "history.json"))
+        paths.check_output_dir(tmp_path, "--out", files=("model.safetensors", "history.json"))
     (tmp_path / "model.safetensors").chmod(0o644)
-    io.check_output_dir(tmp_path, "--out", files=("model.safetensors", "history.json"))
+    paths.check_output_dir(tmp_path, "--out", files=("model.safetensors", "history.json"))
 
 
 # --- item 8: every field of a checkpoint is checked before anything acts on it -------------------

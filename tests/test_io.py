@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from parnn import io
+from parnn import io, modelinfo, paths
 from parnn.errors import ModelFileError
 from parnn.core.model import MLP, Spec
 
@@ -71,25 +71,61 @@ def test_model_round_trip_is_bitwise(tmp_path, dtype):
     assert got.W[0].base is p or np.shares_memory(got.W[0], p)
 
 
-def test_file_is_plain_safetensors_with_one_params_tensor(tmp_path):
+def test_file_is_plain_safetensors_with_a_weight_and_a_bias_per_layer(tmp_path):
     net = small_net()
     path = tmp_path / "m.safetensors"
     io.save_model(path, net, {"x": np.int64(3)})  # numpy scalars in meta are fine
     with safetensors.safe_open(path, "np") as f:
-        assert list(f.keys()) == ["params"]
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
         h = json.loads(f.metadata()["parnn"])
-    assert h["format"] == io.FORMAT == 2 and h["spec"] == net.spec.to_dict()
-    assert h["params_sha256"] == sha(net.params) and h["meta"] == {"x": 3}
+    assert sorted(tensors) == ["layers.0.bias", "layers.0.weight", "layers.1.bias",
+                               "layers.1.weight"]
+    for l in range(2):   # weight (out, in), as torch.nn.Linear keeps it
+        assert tensors[f"layers.{l}.weight"].tobytes() == net.W[l].tobytes()
+        assert tensors[f"layers.{l}.weight"].shape == (net.spec.sizes[l + 1], net.spec.sizes[l])
+        assert tensors[f"layers.{l}.bias"].tobytes() == net.b[l].tobytes()
+    assert h["format"] == io.FORMAT == 3 and h["layout"] == "layers"
+    assert h["spec"] == net.spec.to_dict() and h["meta"] == {"x": 3}
+    # The digest is the flat buffer's: the layers' tensors one after the other.
+    assert h["params_sha256"] == sha(net.params) == sha(np.concatenate(
+        [tensors[k].ravel() for k in io.layer_tensors(net.spec, net.params)]))
+
+
+def test_the_tensors_alone_reproduce_the_network(tmp_path):
+    """What a reader without parnn does: y = act(x @ weight.T + bias), layer after layer."""
+    net = MLP(Spec((6, 5, 4, 3), "relu", "sigmoid", "mse", "float64"), seed=3)
+    path = tmp_path / "m.safetensors"
+    io.save_model(path, net, {})
+    t = safetensors.numpy.load_file(path)
+    acts = {"relu": lambda z: np.maximum(z, 0), "sigmoid": lambda z: 1 / (1 + np.exp(-z))}
+    x = np.random.default_rng(0).random((7, 6))
+    for l in range(3):
+        x = acts[net.spec.activation(l)](x @ t[f"layers.{l}.weight"].T + t[f"layers.{l}.bias"])
+    np.testing.assert_allclose(x, net.output(np.random.default_rng(0).random((7, 6))), rtol=1e-12)
+
+
+def test_layer_tensors_are_views_in_buffer_order():
+    net = small_net()
+    t = io.layer_tensors(net.spec, net.params, "members.2.")
+    assert list(t) == ["members.2.layers.0.weight", "members.2.layers.0.bias",
+                       "members.2.layers.1.weight", "members.2.layers.1.bias"]
+    assert all(np.shares_memory(a, net.params) for a in t.values())
+    assert [a.shape for a in t.values()] == [(5, 6), (5,), (3, 5), (3,)]
+    assert np.concatenate([a.ravel() for a in t.values()]).tobytes() == net.params.tobytes()
 
 
 def test_ensemble_round_trip_and_load_any(tmp_path):
     nets = [small_net(seed=s) for s in range(3)]
     path = tmp_path / "e.safetensors"
     io.save_ensemble(path, nets, META)
+    with safetensors.safe_open(path, "np") as f:
+        assert sorted(f.keys()) == sorted(f"members.{k}.layers.{l}.{p}" for k in range(3)
+                                          for l in range(2) for p in ("weight", "bias"))
     got, meta = io.load_any(path)
     assert meta == META and len(got) == 3
     for a, b in zip(got, nets):
         assert a.spec == b.spec and a.params.tobytes() == b.params.tobytes()
+        assert a.params.flags.owndata and np.shares_memory(a.W[1], a.params)
     assert_bad(path, "ensemble of 3", "load_any")
 
     single = tmp_path / "m.safetensors"
@@ -183,7 +219,8 @@ def test_metadata_missing_or_not_json_or_not_object(tmp_path):
     assert_bad(write_raw(tmp_path / "c", {"params": p}, "[1, 2]"), "not a JSON object")
 
 
-@pytest.mark.parametrize("fmt,words", [(3, ["newer", "format 3"]), (0, ["unknown file format"]),
+@pytest.mark.parametrize("fmt,words", [(io.FORMAT + 1, ["newer", f"format {io.FORMAT + 1}"]),
+                                       (0, ["unknown file format"]),
                                        ("1", ["unknown file format"]), (None, ["unknown"])])
 def test_wrong_format_version(tmp_path, fmt, words):
     net = small_net()
@@ -240,6 +277,172 @@ def test_unknown_kind(tmp_path):
     net = small_net()
     assert_bad(write_raw(tmp_path / "m", {"params": net.params}, header(net, kind="optimizer")),
                "'optimizer'")
+
+
+# --- files of the previous versions: one flat buffer ---------------------------------------------
+
+def old_file(path, nets, meta, fmt, kind="model"):
+    """What parnn wrote before the tensors were named per layer: format 1 (with its header
+    checksum) or 2, the flat buffer as "params" (an ensemble's as "member{k}.params")."""
+    if kind == "model":
+        tensors, digests = {"params": nets[0].params}, {"params_sha256": sha(nets[0].params)}
+    else:
+        tensors = {f"member{k}.params": n.params for k, n in enumerate(nets)}
+        digests = {"members_sha256": [sha(n.params) for n in nets]}
+    h = {"format": fmt, "kind": kind, "writer": "parnn 0.1.0", "spec": nets[0].spec.to_dict(),
+         "meta": meta, **digests}
+    return write_raw(path, tensors, h)
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_flat_files_of_the_previous_versions_still_load(tmp_path, fmt, dtype):
+    nets = [small_net(dtype, seed=s) for s in range(3)]
+    got, meta = io.load_model(old_file(tmp_path / "m", nets[:1], META, fmt))
+    assert meta == META and got.spec == nets[0].spec
+    assert got.params.tobytes() == nets[0].params.tobytes() and got.params.flags.owndata
+    got, meta = io.load_any(old_file(tmp_path / "e", nets, META, fmt, "ensemble"))
+    assert [n.params.tobytes() for n in got] == [n.params.tobytes() for n in nets]
+    info = modelinfo.model_info(tmp_path / "e")
+    assert info["format"] == fmt and info["layout"] == "flat" and info["members"] == 3
+
+
+@pytest.mark.parametrize("kind", ["model", "ensemble"])
+def test_upgrade_turns_a_flat_file_into_per_layer_tensors_with_the_same_digest(tmp_path, kind):
+    nets = [small_net(seed=s) for s in range(2 if kind == "ensemble" else 1)]
+    path = old_file(tmp_path / "m", nets, META, 1, kind)
+    with open(path, "rb") as f:   # drop the header checksum: the oldest files had none
+        blob = f.read()
+    h = json.loads(json.loads(blob[8:8 + int.from_bytes(blob[:8], "little")])["__metadata__"]
+                   ["parnn"])
+    del h["header_sha256"]
+    write_raw(path, safetensors.numpy.load(blob), h, rehash=False)
+    assert_bad(path, "upgrade", load=io.load_any)
+    assert io.upgrade(path) == kind
+    with safetensors.safe_open(path, "np") as f:
+        assert "layers.0.weight" in f.keys() or "members.1.layers.1.bias" in f.keys()
+        h2 = json.loads(f.metadata()["parnn"])
+    assert h2["format"] == io.FORMAT and h2["layout"] == "layers"
+    assert h2.get("params_sha256") == h.get("params_sha256")
+    assert h2.get("members_sha256") == h.get("members_sha256")
+    got, meta = io.load_any(path)
+    assert meta == META and [n.params.tobytes() for n in got] == [n.params.tobytes() for n in nets]
+
+
+# --- per-layer files that are wrong --------------------------------------------------------------
+
+def layered(net, **over):
+    return io.layer_tensors(net.spec, net.params), header(net, layout="layers", **over)
+
+
+def test_per_layer_tensors_missing_transposed_extra_or_of_another_layout(tmp_path):
+    net = small_net()
+    tensors, h = layered(net)
+    write_raw(tmp_path / "ok", tensors, h)
+    assert io.load_model(tmp_path / "ok")[0].params.tobytes() == net.params.tobytes()
+    missing = {k: v for k, v in tensors.items() if k != "layers.1.bias"}
+    assert_bad(write_raw(tmp_path / "a", missing, h), "'layers.1.bias' is missing")
+    transposed = dict(tensors, **{"layers.0.weight": tensors["layers.0.weight"].T.copy()})
+    assert_bad(write_raw(tmp_path / "b", transposed, h), "'layers.0.weight' has shape (6, 5)",
+               "needs (5, 6)")
+    assert_bad(write_raw(tmp_path / "c", dict(tensors, params=net.params), h),
+               "unexpected tensors params")
+    # Per-layer tensors under a header that states no layout (formats 1 and 2: flat)
+    assert_bad(write_raw(tmp_path / "d", tensors, header(net)), "'params' is missing")
+    assert_bad(write_raw(tmp_path / "e", tensors, header(net, layout="columns")),
+               "unknown tensor layout 'columns'")
+    f32 = {k: v.astype(np.float32) for k, v in tensors.items()}
+    assert_bad(write_raw(tmp_path / "f", f32, h), "float32", "float64")
+
+
+def test_swapped_layers_or_a_flipped_byte_fail_the_checksum(tmp_path):
+    net = MLP(Spec((4, 4, 4, 4), "tanh", "softmax", "cross_entropy", "float64"), seed=0)
+    tensors, h = layered(net)
+    swapped = dict(tensors, **{"layers.0.weight": tensors["layers.1.weight"],
+                               "layers.1.weight": tensors["layers.0.weight"]})
+    assert_bad(write_raw(tmp_path / "a", swapped, h), "parameters do not match their checksum")
+    path = tmp_path / "m.safetensors"
+    io.save_model(path, net, {})
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x04
+    path.write_bytes(bytes(data))
+    assert_bad(path, "parameters do not match their checksum")
+
+
+# --- model_info and info_text -------------------------------------------------------------
+
+RUN_META = {"config": {"preset": "modern", "lr": 0.001, "hidden": [5], "epochs": 2},
+            "engine": "batch", "dataset": {"name": "fashion-mnist", "sha256": {
+                "train-images": "cd" * 32, "t10k-labels": "ef" * 32}},
+            "class_names": ["shirt", "shoe", "bag"], "classes": [0, 1, 2], "inputs": "pixels",
+            "history": [{"epoch": 1, "train_acc": 0.5, "val_acc": 0.4},
+                        {"epoch": 2, "train_acc": 0.75, "val_acc": 0.625}],
+            "test_acc": 0.6, "best_epoch": 2}
+
+
+def test_model_info_summarises_a_model(tmp_path):
+    net = small_net("float32")
+    io.save_model(tmp_path / "m.safetensors", net, RUN_META)
+    info = modelinfo.model_info(tmp_path / "m.safetensors")
+    assert json.loads(json.dumps(info)) == info   # `parnn info --json` can print it as is
+    assert info["kind"] == "model" and info["members"] == 1 and info["format"] == io.FORMAT
+    assert info["layout"] == "layers" and info["dtype"] == "float32"
+    assert info["layers"] == [
+        {"name": "layers.0", "kind": "dense", "inputs": 6, "outputs": 5, "activation": "tanh",
+         "weight": [5, 6], "bias": [5], "params": 35},
+        {"name": "layers.1", "kind": "dense", "inputs": 5, "outputs": 3, "activation": "softmax",
+         "weight": [3, 5], "bias": [3], "params": 18}]
+    assert info["n_params"] == info["n_params_total"] == net.spec.n_params == 53
+    assert info["accuracy"] == {"train_acc": 0.75, "val_acc": 0.625, "test_acc": 0.6}
+    assert info["dataset"] == RUN_META["dataset"] and info["config"] == RUN_META["config"]
+    assert info["class_names"] == ["shirt", "shoe", "bag"] and info["epochs"] == 2
+    assert info["params_sha256"] == [sha(net.params)] and info["engine"] == "batch"
+
+    text = modelinfo.info_text(info)
+    lines = text.splitlines()
+    assert lines[0] == f"{tmp_path / 'm.safetensors'}: parnn model, format {io.FORMAT}, " \
+                       "written by parnn 0.1.0"
+    for words in (["network", "6-5-3", "tanh hidden", "softmax output", "float32"],
+                  ["layers.0", "6 -> 5", "tanh", "weight (5, 6)", "bias (5,)", "35"],
+                  ["layers.1", "5 -> 3", "softmax", "weight (3, 5)", "18"],
+                  ["parameters", "53"], ["classes", "3: shirt, shoe, bag"],
+                  ["dataset", "fashion-mnist"], ["train-images", "cd" * 32],
+                  ["t10k-labels", "ef" * 32], ["training", "preset=modern", "lr=0.001"],
+                  ["accuracy", "train 0.7500, validation 0.6250, test 0.6000"],
+                  ["history", "2 epochs, best epoch 2"], ["checksum", sha(net.params)]):
+        assert any(all(w in line for w in words) for line in lines), (words, text)
+
+
+def test_model_info_of_an_ensemble_and_of_a_bare_file(tmp_path):
+    nets = [small_net(seed=s) for s in range(3)]
+    io.save_ensemble(tmp_path / "e", nets, {"class_names": ["a", "b\u00e9", "c"]})
+    info = modelinfo.model_info(tmp_path / "e")
+    assert info["kind"] == "ensemble" and info["members"] == 3
+    assert info["n_params_total"] == 3 * info["n_params"]
+    assert info["params_sha256"] == [sha(n.params) for n in nets]
+    assert info["config"] is info["dataset"] is info["best_epoch"] is None
+    assert info["accuracy"] == {"train_acc": None, "val_acc": None, "test_acc": None}
+    text = modelinfo.info_text(info)
+    assert "ensemble of 3 networks (soft vote)" in text and "members.K.layers.L.weight" in text
+    assert "accuracy" not in text and "training" not in text and "b\u00e9" in text
+    assert text.count("sha256 ") == 3
+
+
+def test_model_info_escapes_what_the_file_says_and_refuses_what_is_not_a_model(tmp_path):
+    net = small_net()
+    meta = {"engine": "batch\x1b[2J", "dataset": {"name": "x\ny", "sha256": 5},
+            "history": "not rows", "test_acc": "high", "config": ["not", "a", "dict"]}
+    io.save_model(tmp_path / "m", net, meta)
+    info = modelinfo.model_info(tmp_path / "m")
+    assert info["accuracy"]["test_acc"] is None and info["epochs"] == 0 and info["config"] is None
+    assert info["dataset"] == {"name": "x\ny", "sha256": None}
+    io.save_model(tmp_path / "m", net, {"dataset": {"name": "d", "sha256": "ab" * 32}})
+    assert f"dataset     d, sha256 {'ab' * 32}" in modelinfo.info_text(modelinfo.model_info(tmp_path / "m"))
+    text = modelinfo.info_text(info)
+    assert "\x1b" not in text and "batch\\x1b[2J" in text and "x\\ny" in text
+    assert_bad(tmp_path / "nope", "no such file", load=modelinfo.model_info)
+    io.save_checkpoint(tmp_path / "ck", {"params": net.params}, {})
+    assert_bad(tmp_path / "ck", "'checkpoint'", load=modelinfo.model_info)
 
 
 # --- atomic writes -------------------------------------------------------------------------
@@ -406,9 +609,9 @@ def test_class_names_with_control_characters(tmp_path):
 
 
 def test_shown_escapes_only_what_cannot_be_printed():
-    assert io.shown("/data/fashion é") == "/data/fashion é"
-    assert io.shown("a\nb\x01") == "a\\nb\\x01"
-    assert io.shown(b"/x\xff".decode("utf-8", "surrogateescape")) == "/x\\udcff"
+    assert paths.shown("/data/fashion é") == "/data/fashion é"
+    assert paths.shown("a\nb\x01") == "a\\nb\\x01"
+    assert paths.shown(b"/x\xff".decode("utf-8", "surrogateescape")) == "/x\\udcff"
 
 
 @pytest.mark.parametrize("where,words", [
@@ -421,9 +624,9 @@ def test_check_output_dir(tmp_path, where, words):
 
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError) as e:
-        io.check_output_dir(where.replace("{t}", str(tmp_path)), "--out")
+        paths.check_output_dir(where.replace("{t}", str(tmp_path)), "--out")
     assert str(e.value).startswith("--out ") and "\n" not in str(e.value)
     for w in words:
         assert w in str(e.value), str(e.value)
-    io.check_output_dir(tmp_path / "new" / "dirs", "--out")
+    paths.check_output_dir(tmp_path / "new" / "dirs", "--out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the test left nothing

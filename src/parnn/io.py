@@ -10,28 +10,46 @@ owner write bit is clear (chmod 444) is not replaced: PermissionError, nothing w
 Model files are safetensors (tensors + a str->str header; no pickle, so loading a file cannot
 run code). The header holds one key, "parnn", whose value is a JSON document:
 
-    {"format": 2, "kind": "model" | "ensemble" | "checkpoint", "writer": "parnn 0.1.0",
+    {"format": 3, "kind": "model" | "ensemble" | "checkpoint", "writer": "parnn 0.1.0",
+     "layout": "layers",                      # model and ensemble: how the tensors are named
      "spec": {...Spec.to_dict()...},          # model and ensemble
      "meta": {...whatever the caller gave...},
-     "params_sha256": "<hex>",                # model: params_sha256(params)
+     "params_sha256": "<hex>",                # model: params_sha256 of its flat buffer
      "members_sha256": ["<hex>", ...],        # ensemble: one per member
      "sha256": "<hex>",                       # checkpoint: see _arrays_sha256
      "header_sha256": "<hex>"}                # all of the above (every key but this one)
 
+Tensors, layout "layers" (what format 3 writes): layer l of a model is "layers.{l}.weight",
+shape (out, in), row j holding neuron j's incoming weights, and "layers.{l}.bias", shape
+(out,): y = act(x @ weight.T + bias), act = spec["hidden"] for every layer but the last and
+spec["output"] for the last. That is torch.nn.Linear's convention, so a PyTorch user maps the
+tensors one to one. Member k of an ensemble is "members.{k}.layers.{l}.weight" and so on, with
+ONE spec shared by all members (save_ensemble refuses mixed specs). In parnn's flat buffer
+these tensors follow each other in the order weight 0, bias 0, weight 1, ... (core/model.py),
+so a model is read straight into ONE flat buffer, which the tensors become views of, and
+params_sha256 is the digest of that buffer whatever the layout: the same numbers give the same
+digest in a format 2 file and a format 3 one.
+
+Layout "flat" (formats 1 and 2 wrote it; a header without "layout" means it): the flat buffer
+as one tensor "params", an ensemble's as "member0.params", "member1.params", ...; still read.
+Checkpoints keep their named flat arrays ("params", "optimizer.m", ...: see run/checkpoint.py):
+they are parnn's own, read back only by a resumed run, and the optimizer state they hold is
+laid out like the flat buffer.
+
+Formats: 1, the first; 2 requires header_sha256; 3 names the tensors per layer. Format 1 files
+that have a header checksum load as before; format 1 files without one (written before it
+existed) are refused, since their spec and class names cannot be checked, and
+`python -m parnn.io upgrade FILE` re-saves a trusted one in the current format.
+
 The checksums detect damage (a flipped bit, a truncated copy, an edited spec); they are no
 signature: whoever can rewrite a file can rewrite its checksums too.
 
-Format 2 requires header_sha256. Format 1 files that have one load as before; format 1 files
-without one (written before it existed) are refused, since their spec and class names cannot be
-checked, and `python -m parnn.io upgrade FILE` re-saves a trusted one in format 2.
-
 Reading checks the file's size against what the safetensors header declares, and the tensors'
-dtypes and shapes against the parnn spec, before any tensor is read; then each tensor is read
-straight into its own array, so a file is never held in memory twice.
+names, dtypes and shapes against the parnn spec, before any tensor is read; then each tensor is
+read straight into its place (a model's into its flat buffer), so a file is never held in
+memory twice.
 
-Tensors: a model stores its flat buffer as "params"; an ensemble stores "member0.params",
-"member1.params", ... and ONE spec shared by all members (members of an ensemble are trained
-with the same configuration; save_ensemble refuses mixed specs).
+parnn.modelinfo summarises a model or ensemble file for `parnn info MODEL`.
 """
 
 from __future__ import annotations
@@ -55,11 +73,11 @@ import safetensors.numpy
 from parnn import __version__
 from parnn.errors import ConfigError, ModelFileError, ParnnError
 from parnn.core.model import MLP, Spec
-# check_output_dir and shown are also used as io's (the CLI, distributed and bench call them so).
-from parnn.paths import check_output_dir, open_regular, read_fully, read_only, shown  # noqa: F401
+from parnn.paths import open_regular, read_fully, read_only, shown
 
-FORMAT = 2  # 2: header_sha256 is required (format 1 files may lack it)
+FORMAT = 3  # 2: header_sha256 is required (format 1 files may lack it); 3: tensors per layer
 META_KEY = "parnn"
+LAYOUTS = ("layers", "flat")   # how a model's tensors are named; "flat" when a header names none
 UPGRADE = "python -m parnn.io upgrade"
 MAX_HEADER = 100_000_000  # bytes of safetensors JSON header; the safetensors library's own limit
 
@@ -200,12 +218,42 @@ def _printable_class_names(meta):
     return None
 
 
+def layer_tensors(spec, flat, prefix="") -> dict[str, np.ndarray]:
+    """A network's tensors as a model file names them, as views into its flat buffer, in the
+    buffer's order: {prefix + "layers.0.weight": W_0 (out, in), prefix + "layers.0.bias": b_0,
+    prefix + "layers.1.weight": ...}. No copies."""
+    return _views(spec, "layers", flat, prefix)
+
+
+def _views(spec, layout, flat, prefix=""):
+    return {name: flat[o:o + math.prod(shape)].reshape(shape)
+            for name, shape, o in _tensor_layout(spec, layout, prefix)}
+
+
+def _tensor_layout(spec, layout, prefix=""):
+    """(name, shape, offset in the flat buffer) of each tensor of one network, in buffer order.
+    The offsets come from the spec (core/model.py's layout), so nothing here repeats it."""
+    if layout == "flat":
+        return [(prefix + "params", (spec.n_params,), 0)]
+    starts, _ = spec.offsets()
+    entries = []
+    for l, ((n_out, n_in), (w, b)) in enumerate(zip(spec.shapes(), starts)):
+        entries.append((f"{prefix}layers.{l}.weight", (n_out, n_in), w))
+        entries.append((f"{prefix}layers.{l}.bias", (n_out,), b))
+    return entries
+
+
+def _member_prefix(layout, k):
+    return f"members.{k}." if layout == "layers" else f"member{k}."
+
+
 def save_model(path, net: MLP, meta: dict):
-    """One network: its flat buffer as tensor "params", spec + meta + checksum in the header."""
+    """One network: its tensors per layer (layer_tensors), spec + meta + checksums in the
+    header."""
     if problem := _printable_class_names(meta):
         raise ValueError(problem)
-    _write(path, {"params": net.params},
-           {"kind": "model", "spec": net.spec.to_dict(), "meta": meta,
+    _write(path, layer_tensors(net.spec, net.params),
+           {"kind": "model", "layout": "layers", "spec": net.spec.to_dict(), "meta": meta,
             "params_sha256": params_sha256(net.params)})
 
 
@@ -218,8 +266,11 @@ def save_ensemble(path, nets: list[MLP], meta: dict):
         raise ValueError("all members of an ensemble must share one spec")
     if problem := _printable_class_names(meta):
         raise ValueError(problem)
-    _write(path, {f"member{i}.params": n.params for i, n in enumerate(nets)},
-           {"kind": "ensemble", "spec": spec.to_dict(), "meta": meta,
+    tensors = {}
+    for k, net in enumerate(nets):
+        tensors |= layer_tensors(spec, net.params, _member_prefix("layers", k))
+    _write(path, tensors,
+           {"kind": "ensemble", "layout": "layers", "spec": spec.to_dict(), "meta": meta,
             "members_sha256": [params_sha256(n.params) for n in nets]})
 
 
@@ -298,14 +349,17 @@ def _index(path, f, size):
     return index, metadata
 
 
-def _tensors(path, f, index):
-    """Each tensor read into its own new array, in file order (the index was checked)."""
+def _tensors(path, f, index, into):
+    """Each tensor read, in file order (the index was checked): into into[name] (a
+    little-endian array of its dtype and shape, e.g. a view of a flat buffer) when given, else
+    into its own new array, returned in native byte order."""
     out = {}
     for name, (dtype, shape, _) in sorted(index.items(), key=lambda kv: kv[1][2]):
-        a = np.empty(shape, dtype)
+        a = into[name] if name in into else np.empty(shape, dtype)
         if read_fully(f, a.reshape(-1).view(np.uint8)) != a.nbytes:
             raise ModelFileError(f"{shown(path)}: truncated while reading tensor {shown(name)!r}")
-        out[name] = a.astype(dtype.newbyteorder("="), copy=False)
+        if name not in into:
+            out[name] = a.astype(dtype.newbyteorder("="), copy=False)
     return out
 
 
@@ -313,14 +367,15 @@ def _tensors(path, f, index):
 
 def _read(path, check=None, legacy=False):
     """(tensors, header) of a parnn safetensors file, or ModelFileError. check(header, index)
-    runs before any tensor is read. legacy: accept a format 1 file without a header checksum."""
+    runs before any tensor is read, and may return {name: array} to read those tensors into
+    (they are then left out of the tensors returned). legacy: accept a format 1 file without a
+    header checksum."""
     with open_regular(path, ModelFileError, "model file") as f:
         try:
             index, metadata = _index(path, f, os.fstat(f.fileno()).st_size)
             header = _header(path, metadata, legacy)
-            if check is not None:
-                check(header, index)
-            return _tensors(path, f, index), header
+            into = check(header, index) if check is not None else None
+            return _tensors(path, f, index, into or {}), header
         except OSError as e:
             raise ModelFileError(f"{shown(path)}: cannot read: {e.strerror or e}") from None
 
@@ -388,25 +443,28 @@ def network_spec(path, d) -> Spec:
         raise ModelFileError(f"{shown(path)}: invalid network spec: {shown(e)}") from None
 
 
-def _spec(path, header):
-    # The old name, until run/checkpoint.py calls network_spec(path, meta["spec"]).
-    return network_spec(path, header.get("spec"))
+def _layout(path, header):
+    layout = header.get("layout", "flat")
+    if layout not in LAYOUTS:
+        raise ModelFileError(f"{shown(path)}: unknown tensor layout {shown(repr(layout))} "
+                             f"(this version reads {' and '.join(LAYOUTS)})")
+    return layout
 
 
-def _expect(path, index, names, spec):
-    """Before reading: each flat buffer in names is there with the spec's dtype and shape, and
-    nothing else is."""
-    for name in names:
+def _expect(path, index, shapes, spec):
+    """Before reading: each tensor of shapes ({name: shape}) is there with the spec's dtype
+    and that shape, and nothing else is."""
+    for name, want in shapes.items():
         if name not in index:
             raise ModelFileError(f"{shown(path)}: tensor '{name}' is missing")
         dtype, shape, _ = index[name]
-        if dtype != np.dtype(spec.dtype):
+        if dtype != np.dtype(spec.dtype).newbyteorder("<"):   # as stored: little-endian
             raise ModelFileError(f"{shown(path)}: tensor '{name}' is {dtype.name}, the spec says "
                                  f"{spec.dtype}")
-        if shape != (spec.n_params,):
+        if shape != want:
             raise ModelFileError(f"{shown(path)}: tensor '{name}' has shape {shape}, the spec "
-                                 f"needs ({spec.n_params},)")
-    extra = sorted(set(index) - set(names))
+                                 f"needs {want}")
+    extra = sorted(set(index) - set(shapes))
     if extra:
         raise ModelFileError(f"{shown(path)}: unexpected tensors "
                              f"{', '.join(shown(x) for x in extra)}")
@@ -428,62 +486,73 @@ def _members(header):
 
 
 def _load(path, allowed, legacy=False):
-    """(kind, networks or arrays, meta) of a file of one of the allowed kinds, checked."""
+    """(kind, networks or arrays, header) of a file of one of the allowed kinds, checked."""
     found = {}
 
     def check(header, index):
         kind = found["kind"] = _kind(path, header, *allowed)
         if kind == "checkpoint":
-            return
+            return None
         spec = found["spec"] = network_spec(path, header.get("spec"))
+        layout = _layout(path, header)
         if kind == "ensemble" and not _members(header):
             raise ModelFileError(f"{shown(path)}: ensemble metadata lists no members")
-        names = ["params"] if kind == "model" else \
-            [f"member{i}.params" for i in range(len(_members(header)))]
-        _expect(path, index, names, spec)
+        prefixes = [""] if kind == "model" else \
+            [_member_prefix(layout, k) for k in range(len(_members(header)))]
+        _expect(path, index, {name: shape for prefix in prefixes
+                              for name, shape, _ in _tensor_layout(spec, layout, prefix)}, spec)
         if problem := _printable_class_names(header.get("meta", {})):
             raise ModelFileError(f"{shown(path)}: {problem}: the file is damaged or was modified")
+        # Sizes checked: one flat buffer per network (little-endian, as stored), and each of
+        # its tensors a view into it to read into.
+        stored = np.dtype(spec.dtype).newbyteorder("<")
+        buffers = found["buffers"] = [np.empty(spec.n_params, stored) for _ in prefixes]
+        return {name: view for prefix, flat in zip(prefixes, buffers)
+                for name, view in _views(spec, layout, flat, prefix).items()}
 
     tensors, header = _read(path, check, legacy)
-    kind, meta = found["kind"], header.get("meta", {})
+    kind = found["kind"]
     if kind == "checkpoint":
         if _arrays_sha256(tensors) != header.get("sha256"):
             raise ModelFileError(f"{shown(path)}: arrays do not match their checksum: "
                                  "the file is damaged or was modified")
-        return kind, tensors, meta
+        return kind, tensors, header
+    buffers = [b.astype(b.dtype.newbyteorder("="), copy=False) for b in found["buffers"]]
     if kind == "model":
-        nets = [MLP(found["spec"], _params(path, tensors["params"], header.get("params_sha256")))]
+        shas, what = [header.get("params_sha256")], ["parameters"]
     else:
-        nets = [MLP(found["spec"], _params(path, tensors[f"member{i}.params"], sha,
-                                           f"member {i}'s parameters"))
-                for i, sha in enumerate(_members(header))]
-    return kind, nets, meta
+        shas = _members(header)
+        what = [f"member {k}'s parameters" for k in range(len(shas))]
+    return kind, [MLP(found["spec"], _params(path, flat, sha, w))
+                  for flat, sha, w in zip(buffers, shas, what)], header
 
 
 def load_model(path) -> tuple[MLP, dict]:
     """(network, the meta given to save_model). ModelFileError on anything wrong."""
-    _, nets, meta = _load(path, ("model",))
-    return nets[0], meta
+    _, nets, header = _load(path, ("model",))
+    return nets[0], header.get("meta", {})
 
 
 def load_any(path) -> tuple[list[MLP], dict]:
     """A model file as a 1-element list, or every member of an ensemble file."""
-    _, nets, meta = _load(path, ("model", "ensemble"))
-    return nets, meta
+    _, nets, header = _load(path, ("model", "ensemble"))
+    return nets, header.get("meta", {})
 
 
 def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
     """(arrays, meta) as given to save_checkpoint, after checking the checksum. Values are not
     checked for NaN here: the arrays are generic, the caller knows what they mean."""
-    _, arrays, meta = _load(path, ("checkpoint",))
-    return arrays, meta
+    _, arrays, header = _load(path, ("checkpoint",))
+    return arrays, header.get("meta", {})
 
 
 def upgrade(path) -> str:
-    """Re-save a model, ensemble or checkpoint file in the current format, after every check
-    but the header checksum that format 1 files may lack. Only for files you trust: without
-    that checksum nobody can tell whether the spec or the class names were edited."""
-    kind, content, meta = _load(path, ("model", "ensemble", "checkpoint"), legacy=True)
+    """Re-save a model, ensemble or checkpoint file in the current format (a model's tensors
+    then per layer), after every check but the header checksum that format 1 files may lack.
+    Only for files you trust: without that checksum nobody can tell whether the spec or the
+    class names were edited."""
+    kind, content, header = _load(path, ("model", "ensemble", "checkpoint"), legacy=True)
+    meta = header.get("meta", {})
     if kind == "model":
         save_model(path, content[0], meta)
     elif kind == "ensemble":

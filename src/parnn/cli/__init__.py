@@ -205,6 +205,21 @@ def build_parser():
                    help="Fashion-MNIST is light clothing on black; auto inverts images whose "
                    "border is light (default: auto)")
 
+    m = sub.add_parser("info", help="what a model file holds: layers, parameters, training, "
+                       "accuracy", description="Summarise a model or ensemble file after "
+                       "checking it: its layers and tensors, parameter count, dtype, classes, "
+                       "the dataset and settings it was trained with, its final accuracies.")
+    m.add_argument("model", type=Path, help="a model or ensemble file (model.safetensors)")
+    m.add_argument("--json", action="store_true", help="print one JSON object instead")
+
+    x = sub.add_parser("export", help="write a model as ONNX (needs the onnx extra)",
+                       description="Write a model or ensemble file as an ONNX graph (input "
+                       "'input' float32 (N, features); outputs 'probabilities' and 'label'; an "
+                       "ensemble's soft vote inside the graph), checked with onnx's checker.")
+    x.add_argument("model", type=Path, help="a model or ensemble file (model.safetensors)")
+    x.add_argument("out", type=Path, help="the .onnx file to write")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+
     d = sub.add_parser("data", help="find, describe or download the dataset")
     dsub = d.add_subparsers(dest="data_command", metavar="COMMAND", parser_class=Parser)
     f = dsub.add_parser("fetch", help="download the four IDX files into the user cache, verified")
@@ -517,8 +532,24 @@ def _fetch(args):
     print(f"{args.dataset} is in {shown(path)}")
 
 
+def cmd_info(args):
+    import json
+
+    from parnn import modelinfo
+
+    info = modelinfo.model_info(args.model)
+    print(json.dumps(info) if args.json else modelinfo.info_text(info))
+
+
+def cmd_export(args):
+    from parnn.export import to_onnx     # says how to install onnx when it is missing
+
+    to_onnx(args.model, args.out, opset=args.opset)
+    print(f"{args.model} written as ONNX to {args.out}")
+
+
 def cmd_bench(args):
-    from parnn.io import check_output_dir
+    from parnn.paths import check_output_dir
     from parnn import bench
 
     opts = bench.Options.from_namespace(args)
@@ -527,7 +558,7 @@ def cmd_bench(args):
 
 
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "predict": cmd_predict, "data": cmd_data,
-            "bench": cmd_bench}
+            "info": cmd_info, "export": cmd_export, "bench": cmd_bench}
 
 
 if __name__ == "__main__":

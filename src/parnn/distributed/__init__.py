@@ -224,7 +224,7 @@ def _setup(opts, cfg, out, comm, local, held):
     print; ParnnError for anything wrong, before any training. Rank 0 takes the lock on `out`
     into `held` (a contextlib.ExitStack)."""
     from parnn.data import load_dataset
-    from parnn.io import check_output_dir
+    from parnn.paths import check_output_dir
     from parnn.run import outputs, rundir, session
     from parnn.run.config import batch_size_for, pick_engine, usable_cores
 

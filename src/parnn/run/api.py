@@ -194,6 +194,13 @@ class Model:
         else:
             io.save_ensemble(path, self.nets, meta)
 
+    def to_onnx(self, path=None, opset=17):
+        """This model as an ONNX graph (parnn.export.to_onnx; the `onnx` extra), written to path
+        if given. The one call from run up into a shell, declared in pyproject's contracts."""
+        from parnn.export import to_onnx
+
+        return to_onnx(self, path, opset=opset)
+
 
 def probabilities(out, output):
     """The output layer as rows that sum to 1 (see Model.predict_proba); in place."""

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from parnn.errors import ConfigError, ParnnError
-from parnn.io import check_output_dir
+from parnn.paths import check_output_dir
 from parnn.paths import shown
 from parnn.run import api, checkpoint, memory, outputs, rundir
 from parnn.run.config import capped_threads, check_engine
