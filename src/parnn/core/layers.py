@@ -16,11 +16,15 @@ they are allocated. The network's forward and backward only walk this list, so a
 Activations follow scikit-learn's tables: ACTIVATIONS[name](Z) works in place on Z, and
 DERIVATIVES[name](A, delta) multiplies delta in place by act'(z), written from the activation's
 OUTPUT A = act(z) (all of them can be), so the forward pass only has to keep its outputs.
+Two of them are loops compiled by Numba on first use (parnn.core.jit), where NumPy was clearly
+slower on the default preset: relu_derivative and softmax.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from parnn.core.jit import compiled
 
 
 # --- activations: in place, forward and derivative side by side ------------------------------
@@ -60,16 +64,26 @@ def relu(Z):
     return np.maximum(Z, 0.0, out=Z)
 
 
+@compiled(cache=True)
 def relu_derivative(A, delta):
-    delta *= A > 0
+    """delta *= (A > 0), 2-d, in one compiled pass: NumPy's bool-times-float pass is about three
+    times slower, visible in the default preset's epoch (docs/ENGINES.md)."""
+    one, zero = delta.dtype.type(1), delta.dtype.type(0)
+    for r in range(delta.shape[0]):
+        for j in range(delta.shape[1]):
+            delta[r, j] *= one if A[r, j] > 0 else zero
     return delta
 
 
+@compiled(cache=True)
 def softmax(Z):
-    """Row by row: exp(z - max z) / sum exp(z - max z)."""
-    Z -= Z.max(axis=1, keepdims=True)
-    np.exp(Z, out=Z)
-    Z /= Z.sum(axis=1, keepdims=True)
+    """Row by row: exp(z - max z) / sum exp(z - max z). Compiled: on rows of 10 outputs NumPy's
+    row reductions cost more than the arithmetic (docs/ENGINES.md)."""
+    for r in range(Z.shape[0]):
+        z = Z[r]
+        z -= z.max()
+        np.exp(z, z)
+        z /= z.sum()
     return Z
 
 

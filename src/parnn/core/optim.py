@@ -5,10 +5,9 @@ Their state is flat buffers too, so a checkpoint is a handful of arrays.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
+from parnn.core.jit import compiled
 from parnn.errors import ConfigError
 
 OPTIMIZERS = ("sgd", "momentum", "adam")
@@ -87,8 +86,8 @@ class Adam(SGD):
         lr_t = self.lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
         eps_t = self.eps * np.sqrt(1 - b2 ** t)
         f = params.dtype.type
-        adam_kernel()(params, grad, self.m, self.v, f(b1), f(1 - b1), f(b2), f(1 - b2),
-                      float(eps_t), float(lr_t))
+        adam_update(params, grad, self.m, self.v, f(b1), f(1 - b1), f(b2), f(1 - b2),
+                    float(eps_t), float(lr_t))
 
     def state(self):
         return {"m": self.m, "v": self.v}
@@ -98,9 +97,13 @@ class Adam(SGD):
         self.v[...] = state["v"]
 
 
+# Not parallel on purpose: a Numba (OpenMP) parallel region between BLAS calls leaves two
+# spinning thread pools fighting over the cores. error_model="numpy" drops the check for a
+# division by zero, which would stop LLVM from vectorizing the loop (sqrt(v) + eps_t > 0).
+@compiled(cache=True, error_model="numpy")
 def adam_update(p, g, m, v, b1, c1, b2, c2, eps_t, lr_t):
-    """Adam.step's update in ONE pass over the parameters, compiled by Numba (adam_kernel):
-    a dozen NumPy passes over every parameter cost several times more (docs/ENGINES.md).
+    """Adam.step's update in ONE pass over the parameters: as a dozen NumPy passes over every
+    parameter it cost several times more (docs/ENGINES.md).
 
     b1, c1 = beta1, 1 - beta1 and b2, c2 come in the arrays' dtype; eps_t and lr_t in float64.
     Numba computes float32 op float64 in float64, so the casts round the two steps that use
@@ -114,18 +117,6 @@ def adam_update(p, g, m, v, b1, c1, b2, c2, eps_t, lr_t):
         v[i] = vi
         den = v.dtype.type(np.sqrt(vi) + eps_t)
         p[i] = p[i] - v.dtype.type((mi / den) * lr_t)
-
-
-@functools.cache
-def adam_kernel():
-    """adam_update compiled, on the first Adam step: `import parnn.core` does not import Numba.
-
-    Not parallel on purpose: a Numba (OpenMP) parallel region between BLAS calls leaves two
-    spinning thread pools fighting over the cores. error_model="numpy" drops the check for a
-    division by zero, which would stop LLVM from vectorizing the loop (sqrt(v) + eps_t > 0).
-    """
-    from numba import njit
-    return njit(cache=True, error_model="numpy")(adam_update)
 
 
 def make_optimizer(name, n, dtype, lr, momentum=0.9):
