@@ -25,51 +25,14 @@ from sklearn.utils.estimator_checks import (check_param_validation,  # noqa: E40
                                             parametrize_with_checks)
 
 import parnn  # noqa: E402
-from parnn.core.model import OUTPUT_ACTIVATIONS  # noqa: E402
-from parnn.errors import ConfigError  # noqa: E402
 from parnn.estimators import MLPClassifier, MLPRegressor  # noqa: E402
 
 # Small networks on one thread: the whole check suite runs in seconds.
 FAST = dict(hidden_layer_sizes=(16,), max_iter=100, learning_rate_init=0.01, n_threads=1)
 
-# The regressor needs an identity output layer, which parnn's core does not have yet
-# (parnn.core.model.OUTPUT_ACTIVATIONS; requested from the core). Until it does, fitting the
-# regressor raises ConfigError("unknown output activation 'identity'"), so every check that
-# trains it fails (with an identity output patched in, all pass); the marks go away by
-# themselves once the core has it.
-IDENTITY = "identity" in OUTPUT_ACTIVATIONS
-NO_IDENTITY = ("MLPRegressor trains an identity output layer (+ MSE), which parnn's core does "
-               "not have yet (parnn.core.model.OUTPUT_ACTIVATIONS)")
-needs_identity = pytest.mark.xfail(not IDENTITY, reason=NO_IDENTITY, raises=ConfigError,
-                                   strict=True)
-
-
-# The regressor's checks that train it; the others build it, or refuse bad input before training.
-TRAINING_CHECKS = """
-    check_fit_score_takes_y check_estimators_overwrite_params check_dont_overwrite_parameters
-    check_estimators_fit_returns_self check_readonly_memmap_input check_n_features_in_after_fitting
-    check_positive_only_tag_during_fit check_estimators_dtypes check_dtype_object
-    check_pipeline_consistency check_estimators_nan_inf check_estimators_pickle
-    check_f_contiguous_array_estimator check_regressors_train check_regressor_data_not_an_array
-    check_estimators_partial_fit_n_features check_regressor_multioutput
-    check_regressors_no_decision_function check_supervised_y_2d check_regressors_int
-    check_non_transformer_estimators_n_iter check_methods_sample_order_invariance
-    check_methods_subset_invariance check_fit2d_1sample check_fit2d_1feature check_dict_unchanged
-    check_fit_idempotent check_fit_check_is_fitted check_n_features_in check_fit2d_predict1d
-""".split()
-
-
-def expected_failed_checks(estimator):
-    """None for the classifier; for the regressor, until the core has an identity output, the
-    checks that train it."""
-    if isinstance(estimator, MLPRegressor) and not IDENTITY:
-        return dict.fromkeys(TRAINING_CHECKS, NO_IDENTITY)
-    return {}
-
-
+# Every check passes for both estimators: nothing is listed in expected_failed_checks.
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
-@parametrize_with_checks([MLPClassifier(**FAST), MLPRegressor(**FAST)],
-                         expected_failed_checks=expected_failed_checks)
+@parametrize_with_checks([MLPClassifier(**FAST), MLPRegressor(**FAST)])
 def test_scikit_learn_estimator_checks(estimator, check):
     check(estimator)
 
@@ -355,7 +318,6 @@ def test_early_stopping_keeps_the_best_epoch(blobs):
 
 # --- the regressor -------------------------------------------------------------------------------
 
-@needs_identity
 def test_the_regressor_fits_and_carries_on():
     X, y = make_regression(200, n_features=4, noise=1.0, random_state=0)
     X, y = StandardScaler().fit_transform(X), (y - y.mean()) / y.std()

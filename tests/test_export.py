@@ -24,6 +24,7 @@ SPECS = {   # name: (spec, init)
     "paper": (Spec((784, 256, 128, 10), "tanh", "tanh", "mse", "float64"), "xavier"),
     "sigmoid": (Spec((784, 64, 10), "relu", "sigmoid", "mse", "float32"), "he"),
     "all-sigmoid": (Spec((784, 32, 16, 5), "sigmoid", "sigmoid", "mse", "float64"), "xavier"),
+    "identity": (Spec((784, 32, 10), "relu", "identity", "mse", "float32"), "he"),   # regression
 }
 
 

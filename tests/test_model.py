@@ -188,3 +188,29 @@ def test_float32_network_stays_float32():
 def test_spec_refuses_bad_settings(kwargs, words):
     with pytest.raises(ConfigError, match=words):
         Spec(**kwargs)
+
+
+def test_an_identity_output_is_linear_and_its_mse_gradient_checks():
+    """The regressor's head: output = the last layer's z, delta = p - t (identity' = 1)."""
+    spec = Spec((6, 5, 3), "tanh", "identity", "mse", "float64")
+    net = MLP(spec, seed=2)
+    X, T = np.random.default_rng(0).random((4, 6)), np.random.default_rng(1).normal(size=(4, 3))
+    acts = net.forward(X)
+    np.testing.assert_allclose(acts[-1], acts[-2] @ net.W[-1].T + net.b[-1], rtol=1e-12)
+    grad = np.empty_like(net.params)
+    net.backward(acts, T, grad)
+    eps, num = 1e-6, np.empty_like(grad)
+    for i in range(len(grad)):
+        old = net.params[i]
+        net.params[i] = old + eps
+        up = MSE_mean(net, X, T)
+        net.params[i] = old - eps
+        down = MSE_mean(net, X, T)
+        net.params[i] = old
+        num[i] = (up - down) / (2 * eps)
+    np.testing.assert_allclose(grad, num, rtol=1e-6, atol=1e-9)
+
+
+def MSE_mean(net, X, T):
+    d = net.forward(X)[-1] - T
+    return 0.5 * float((d * d).sum()) / len(X)

@@ -237,3 +237,9 @@ def test_owner_meets_as_often_as_stated(sizes):
                dt.type(0.05), dt.type(1e-300), ACT_CODES["tanh"], ACT_CODES["softmax"],
                LOSS_CODES["cross_entropy"], *ws.args(), False, False)
     assert ws.flags[0] == len(order) * sync_points_per_sample("owner", spec.n_layers)
+
+
+@pytest.mark.parametrize("name", PER_SAMPLE)
+def test_per_sample_engines_refuse_an_identity_output(name):
+    with pytest.raises(ConfigError, match="no identity output layer.*--engine batch"):
+        engine(name).check(Spec((8, 4, 3), "tanh", "identity", "mse"), "sgd", 1)

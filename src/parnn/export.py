@@ -145,10 +145,13 @@ class _Graph:
         return x
 
     def probabilities(self, out, output, n_classes):
-        """parnn.run.api.probabilities, op for op: a softmax output as it is; otherwise
+        """parnn.run.api.probabilities, op for op: a softmax output as it is, an identity
+        output's softmax; otherwise
         (tanh: + 1) divided by the row's sum where that is > 0, else 1 / n_classes."""
         if output == "softmax":
             return out
+        if output == "identity":
+            return self.op("Softmax", [out], "identity_softmax", axis=-1)
         one = self.const("one", 1.0)
         if output == "tanh":
             out = self.op("Add", [out, one], "tanh_plus_1")

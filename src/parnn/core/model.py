@@ -29,7 +29,7 @@ from parnn.core.losses import LOSSES as LOSS_KINDS
 from parnn.errors import ConfigError
 
 HIDDEN_ACTIVATIONS = ("tanh", "sigmoid", "relu")
-OUTPUT_ACTIVATIONS = ("tanh", "sigmoid", "softmax")
+OUTPUT_ACTIVATIONS = ("tanh", "sigmoid", "softmax", "identity")   # identity: regression
 LOSSES = tuple(LOSS_KINDS)
 INITS = ("paper", "xavier", "he")
 DTYPES = ("float32", "float64")

@@ -94,6 +94,9 @@ class PerSampleEngine:
             raise ConfigError(
                 f"engine {self.name} updates after every sample (batch size 1), got batch size "
                 f"{batch_size}: use --engine batch for mini-batch or full-batch training")
+        if spec.output not in ACT_CODES:
+            raise ConfigError(f"engine {self.name} has no {spec.output} output layer: use "
+                              "--engine batch (or numpy)")
 
     def info(self):
         d = {"engine": self.name, "threads_by": self.threads_by, "compile_s": dict(self.compile_s)}

@@ -206,6 +206,11 @@ def probabilities(out, output):
     """The output layer as rows that sum to 1 (see Model.predict_proba); in place."""
     if output == "softmax":
         return out
+    if output == "identity":      # unbounded scores: their softmax (the argmax stays the same)
+        out -= out.max(axis=1, keepdims=True)
+        np.exp(out, out=out)
+        out /= out.sum(axis=1, keepdims=True)
+        return out
     if output == "tanh":
         out += 1.0   # (o + 1) / 2: the halving cancels in the division by the row's sum
     total = out.sum(axis=1, keepdims=True)
