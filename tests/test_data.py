@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from parnn import data
+from parnn import data, download
 from parnn.errors import DataError
-from parnn.data import (Dataset, describe, fetch, find_data_dir, load_dataset,
-                        load_pair, one_hot, read_csv, read_idx, verify)
+from parnn.data import (Dataset, find_data_dir, load_dataset, load_pair, one_hot, read_csv,
+                        read_idx)
+from parnn.download import describe, fetch, verify
 
 REAL = Path("/usr/share/datasets/fashion-mnist")
 N_TRAIN, N_TEST = 24, 8
@@ -424,7 +425,7 @@ def test_fetch_corrupted_file_leaves_nothing(mirror, tmp_path, monkeypatch):
 
 def verify_one(path: Path, dataset: str) -> bool:
     role = next(r for r, n in data.IDX_NAMES.items() if path.name.startswith(n))
-    return data._check_file(path, data.DATASETS[dataset].files[role])[0] is True
+    return download._check_file(path, data.DATASETS[dataset].files[role])[0] is True
 
 
 def test_fetch_replaces_a_damaged_cached_file(mirror, tmp_path, monkeypatch):

@@ -120,13 +120,25 @@ def build_parser():
     _setting(r, "--optimizer", metavar="NAME", help="sgd, momentum, adam")
     _setting(r, "--lr", type=float, help="learning rate")
     _setting(r, "--lr-schedule", metavar="NAME",
-             help="constant, or cosine (decays lr towards 0 over the epochs)")
+             help="constant, cosine (decays lr towards 0 over the epochs), or warmup-cosine "
+             "(rises linearly over --warmup-epochs, then the cosine over the rest)")
+    _setting(r, "--warmup-epochs", type=int, metavar="N",
+             help="epochs of linear warm-up of the learning rate (lr schedule warmup-cosine)")
     _setting(r, "--momentum", type=float, help="momentum coefficient (optimizer momentum)")
+    _setting(r, "--weight-decay", type=float, metavar="LAMBDA",
+             help="AdamW's decoupled weight decay: every step also shrinks the weights by "
+             "lr * LAMBDA (optimizer adam); 0 = off")
     _setting(r, "--batch-size", type=_batch_size, metavar="N|full",
              help="1 = per-sample SGD (the paper's code), N = mini-batch, full = full-batch GD")
     _setting(r, "--epochs", type=int, help="passes over the training set")
     _setting(r, "--seed", type=int, help="seeds the init, the sample order and the validation "
              "split: the same seed, the same run")
+    _setting(r, "--augment", metavar="NAME",
+             help="transform each training batch on the fly, drawn from the seed: none, "
+             "shift1, shift2 (whole-pixel shifts of up to 1 or 2 pixels), flip (left-right, "
+             "probability 1/2), shift1+flip, shift2+flip; mini-batch engines only")
+    _setting(r, "--label-smoothing", type=float, metavar="EPS",
+             help="train cross-entropy on targets (1 - EPS) one-hot + EPS / classes; 0 = off")
     _setting(r, "--validation-split", type=float, metavar="FRACTION",
              help="hold out this fraction of the training set (stratified by class, drawn from "
              "the seed) and report its loss and accuracy after every epoch; 0 = none")
@@ -488,18 +500,20 @@ def cmd_predict(args):
 
 def cmd_data(args):
     from parnn import data as datamod
+    from parnn import download
 
     if args.data_command == "fetch":
         return _fetch(args)
     else:
         ds = datamod.load_dataset(args.dataset, args.data)
-        print(datamod.describe(ds))
+        print(download.describe(ds))
 
 
 def _fetch(args):
     """`parnn data fetch`: nothing to do when the data is already where parnn looks (installed
     system-wide, or verified in the cache); a failed download leaves no empty directory."""
     from parnn import data as datamod
+    from parnn import download
     from parnn.errors import DataError
     from parnn.paths import path_kind, shown
 
@@ -521,7 +535,7 @@ def _fetch(args):
             break
         made.append(d)
     try:
-        path = datamod.fetch(args.dataset, dest)
+        path = download.fetch(args.dataset, dest)
     except BaseException:
         for d in made:   # only what this command made, and only while nothing is in it
             try:
