@@ -98,3 +98,80 @@ def test_batch_engine_refusals():
         make_engine("batch").check(spec, "lbfgs", 128)
     with pytest.raises(ConfigError, match="batch size must be"):
         make_engine("batch").check(spec, "sgd", 0)
+
+
+# --- on-the-fly augmentation (run.config's `augment`) -------------------------------------------
+
+AUG_SPEC = Spec((784, 16, 10), "relu", "softmax", "cross_entropy", "float64")
+
+
+def test_batch_engine_augments_like_numpy_and_augmenting_changes_the_run():
+    from parnn.engines.batch import Augmentation
+
+    X, T, order = synthetic(AUG_SPEC, 200)
+    aug = Augmentation(seed=3, shift=2, hflip=True)
+    kw = dict(optimizer="adam", lr=0.01, batch_size=32, threads=2)
+    assert_close_to_numpy("batch", AUG_SPEC, X, T, order, TOL_EPOCH["float64"], augment=aug, **kw)
+    # full batch: gathered and transformed too, not X as it is
+    assert_close_to_numpy("batch", AUG_SPEC, X, T, order, TOL_EPOCH["float64"], augment=aug,
+                          **{**kw, "batch_size": 200})
+    plain, _, _ = train("batch", AUG_SPEC, X, T, order, **kw)
+    augmented, _, _ = train("batch", AUG_SPEC, X, T, order, augment=aug, **kw)
+    assert not np.array_equal(plain.params, augmented.params)
+
+
+def test_augmented_batches_depend_on_seed_epoch_and_sample_not_threads_or_chunks(
+        restore_threads, monkeypatch):
+    from parnn.engines import batch
+
+    import numba
+
+    from parnn.engines.batch import Augmentation
+
+    X, T, order = synthetic(AUG_SPEC, 200)
+
+    def run(threads, chunks, epoch=2, seed=3):
+        numba.set_num_threads(threads)
+        net = MLP(AUG_SPEC, seed=0)
+        opt = make_optimizer("adam", AUG_SPEC.n_params, AUG_SPEC.dtype, 0.01)
+        eng = make_engine("batch", augment=Augmentation(seed, shift=2, hflip=True))
+        for part in np.split(order, chunks):      # whole batches of 20: a resumed epoch's chunks
+            eng.train(net, opt, X, T, part, 20, epoch=epoch)
+        return net.params
+
+    one = run(threads=1, chunks=1)
+    assert np.array_equal(one, run(threads=2, chunks=2))
+    assert np.array_equal(one, run(threads=2, chunks=5))
+    monkeypatch.setattr(batch, "AUGMENT_BATCHES", 3)    # blocks of 3 batches, a short last one
+    assert np.array_equal(one, run(threads=2, chunks=1))
+    assert not np.array_equal(one, run(threads=1, chunks=1, epoch=3))
+    assert not np.array_equal(one, run(threads=1, chunks=1, seed=4))
+
+
+def test_batch_engine_drops_out_like_numpy_and_independently_of_threads_and_chunks(restore_threads):
+    import numba
+
+    from parnn.engines.batch import DropoutOption
+
+    X, T, order = synthetic(AUG_SPEC, 200)
+    drop = DropoutOption(0.3, seed=7)
+    kw = dict(optimizer="adam", lr=0.01, batch_size=20, threads=2)
+    assert_close_to_numpy("batch", AUG_SPEC, X, T, order, TOL_EPOCH["float64"], dropout=drop, **kw)
+    assert_close_to_numpy("batch", AUG_SPEC, X, T, order, TOL_EPOCH["float64"], dropout=drop,
+                          **{**kw, "batch_size": 200})
+
+    def run(threads, chunks, epoch=2, seed=7):
+        numba.set_num_threads(threads)
+        net = MLP(AUG_SPEC, seed=0)
+        opt = make_optimizer("adam", AUG_SPEC.n_params, AUG_SPEC.dtype, 0.01)
+        eng = make_engine("batch", dropout=DropoutOption(0.3, seed))
+        for part in np.split(order, chunks):
+            eng.train(net, opt, X, T, part, 20, epoch=epoch)
+        return net.params
+
+    one = run(threads=1, chunks=1)
+    assert np.array_equal(one, run(threads=2, chunks=5))
+    assert not np.array_equal(one, run(threads=1, chunks=1, epoch=3))
+    assert not np.array_equal(one, run(threads=1, chunks=1, seed=8))
+    plain, _, _ = train("batch", AUG_SPEC, X, T, order, **kw)
+    assert not np.array_equal(one, plain.params)

@@ -5,6 +5,7 @@ a non-zero exit status, no traceback, and no existing file touched. The good pat
 --help of every subcommand, train -> evaluate -> predict on small synthetic data.
 """
 
+import dataclasses
 import json
 import gzip
 import hashlib
@@ -17,6 +18,7 @@ from PIL import Image
 
 from parnn import __version__, cli, io
 from parnn.run.checkpoint import NEWEST, PREVIOUS
+from parnn.run.config import TrainConfig
 from parnn.core.model import MLP, Spec
 from synthetic_data import idx_bytes, parnn, write_dataset
 
@@ -392,7 +394,7 @@ def test_show_config_prints_the_resolved_settings_and_trains_nothing(args, shown
     out = capsys.readouterr().out
     settings = dict(line.split(None, 1) for line in out.splitlines())
     assert {k: settings[k] for k in shown} == shown
-    assert len(settings) == 18 and not list(tmp_path.iterdir())
+    assert len(settings) == len(dataclasses.fields(TrainConfig)) and not list(tmp_path.iterdir())
 
 
 def test_show_config_of_a_resumed_run_is_the_checkpoints(ws, capsys):

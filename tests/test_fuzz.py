@@ -24,7 +24,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from parnn import cli, data, io
-from parnn.run import checkpoint, train
+from parnn.run import checkpoint, config, train
 from parnn.data import FASHION_CLASSES, Dataset
 from parnn.errors import DataError, ModelFileError, ParnnError
 from parnn.core.model import MLP, Spec
@@ -324,7 +324,7 @@ def _checkpoint_bytes():
     X = rng.random((40, 784))
     y = rng.integers(0, 10, 40)
     ds = Dataset(X, y, X[:5], y[:5], FASHION_CLASSES, "tiny", None, {}, {})
-    cfg = train.make_config("modern", hidden=(3,), epochs=2, batch_size=8, engine="numpy",
+    cfg = config.make_config("modern", hidden=(3,), epochs=2, batch_size=8, engine="numpy",
                             threads=1)
     d = WORK / "ck"
     train.fit(cfg, ds, progress=False, log=lambda *a: None,

@@ -214,3 +214,92 @@ def test_an_identity_output_is_linear_and_its_mse_gradient_checks():
 def MSE_mean(net, X, T):
     d = net.forward(X)[-1] - T
     return 0.5 * float((d * d).sum()) / len(X)
+
+
+# --- label smoothing -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_label_smoothed_cross_entropy_value_and_gradient_match_the_textbook_loss(eps):
+    from parnn.core.losses import smooth_labels
+
+    spec = Spec((6, 5, 4), "relu", "softmax", "cross_entropy", "float64")
+    net = MLP(spec, init="he", seed=3)
+    X, T = tiny_batch(spec)
+    K = spec.sizes[-1]
+
+    def textbook(net):   # (1 - eps) * CE(true class) + eps * mean over classes of -log p_j
+        log_p = np.log(net.forward(X)[-1])
+        return float(-((1 - eps) * (T * log_p).sum() + eps / K * log_p.sum()) / len(X))
+
+    T_smooth = smooth_labels(T, eps)
+    np.testing.assert_allclose(T_smooth.sum(axis=1), 1.0)
+    assert (T_smooth.argmax(axis=1) == T.argmax(axis=1)).all()
+    grad = np.empty_like(net.params)
+    value = net.backward(net.forward(X), T_smooth, grad) / len(X)
+    assert value == pytest.approx(textbook(net), rel=1e-12)
+    h, numeric = 1e-6, np.empty_like(grad)
+    for i in range(spec.n_params):
+        old = net.params[i]
+        net.params[i] = old + h
+        up = textbook(net)
+        net.params[i] = old - h
+        down = textbook(net)
+        net.params[i] = old
+        numeric[i] = (up - down) / (2 * h)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-8)
+    assert not np.allclose(grad, np.asarray(_plain_gradient(net, X, T)))
+
+
+def _plain_gradient(net, X, T):
+    grad = np.empty_like(net.params)
+    net.backward(net.forward(X), T, grad)
+    return grad
+
+
+# --- dropout -----------------------------------------------------------------------------------
+
+def test_dropout_masks_follow_the_seed_epoch_layer_and_sample_not_the_batch():
+    from parnn.core.layers import Dropout
+
+    def mask(idx, seed=1, epoch=1, layer=0, rate=0.25, n=300):
+        return Dropout(n, rate, seed, layer, "float32").draw(epoch, np.asarray(idx)).copy()
+
+    whole = mask(np.arange(64))
+    assert set(np.unique(whole)) == {0.0, np.float32(1 / 0.75)}
+    assert abs((whole == 0).mean() - 0.25) < 0.01
+    # a sample's mask is the same in any batch, at any position
+    assert np.array_equal(mask([40, 3]), whole[[40, 3]])
+    assert np.array_equal(mask(np.arange(64)), whole)
+    for other in (dict(seed=2), dict(epoch=2), dict(layer=1)):
+        assert (mask(np.arange(64), **other) != whole).mean() > 0.2, other
+    assert not (mask(np.arange(64), rate=0.0) == 0).any()
+
+
+def test_dropout_gradient_matches_central_differences_at_a_fixed_mask():
+    from parnn.engines.batch import DropoutOption, draw_masks, training_net
+
+    spec = Spec((6, 5, 4, 3), "tanh", "softmax", "cross_entropy", "float64")
+    net = MLP(spec, init="xavier", seed=3)
+    X, T = tiny_batch(spec, B=6)
+    tnet = training_net(net, DropoutOption(0.4, seed=5))
+    assert [type(layer).__name__ for layer in tnet.layers] == \
+        ["Dense", "Dropout", "Dense", "Dropout", "Dense"]
+    assert tnet.params is net.params
+    draw_masks(tnet, epoch=1, idx=np.arange(6))          # fixed from here on
+    assert (tnet.layers[1].mask[:6] == 0).any()
+    grad = np.empty_like(net.params)
+    tnet.backward(tnet.forward(X), T, grad)
+    h, numeric = 1e-6, np.empty_like(grad)
+    for i in range(spec.n_params):
+        old = net.params[i]
+        net.params[i] = old + h
+        up = mean_loss(tnet, X, T)
+        net.params[i] = old - h
+        down = mean_loss(tnet, X, T)
+        net.params[i] = old
+        numeric[i] = (up - down) / (2 * h)
+    np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-8)
+    assert not np.allclose(grad, _plain_gradient(net, X, T))
+    # net itself, for scoring and inference, has no dropout layers
+    assert len(net.layers) == 3
+    np.testing.assert_array_equal(net.forward(X)[-1], MLP(spec, net.params.copy()).forward(X)[-1])

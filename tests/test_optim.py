@@ -137,3 +137,62 @@ def test_optimizer_matches_pytorch(name):
            "momentum": lambda: Momentum(N, "float64", lr, 0.9),
            "adam": lambda: Adam(N, "float64", lr)}[name]()
     np.testing.assert_allclose(run(opt, p0, gs), w.detach().numpy(), rtol=1e-12, atol=1e-14)
+
+
+# --- AdamW: decoupled weight decay ---------------------------------------------------------------
+
+def adamw_oracle(p, gs, lrs, wd, beta1=0.9, beta2=0.999, eps=1e-8):
+    """Loshchilov & Hutter 2019, Algorithm 2 (eta = 1, the schedule in lr_t):
+    p_t = p_{t-1} - lr_t (m_hat / (sqrt(v_hat) + eps) + wd p_{t-1})."""
+    p, m, v = p.copy(), np.zeros_like(p), np.zeros_like(p)
+    for t, (g, lr) in enumerate(zip(gs, lrs), start=1):
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        m_hat = m / (1 - beta1 ** t)
+        v_hat = v / (1 - beta2 ** t)
+        p = p - lr * (m_hat / (np.sqrt(v_hat) + eps) + wd * p)
+    return p
+
+
+def run_scheduled(opt, p, gs, lrs):
+    p = p.copy()
+    for g, lr in zip(gs, lrs):
+        opt.lr = lr
+        opt.step(p, g.astype(p.dtype))
+    return p
+
+
+@pytest.mark.parametrize("dtype,rtol", [("float64", 1e-12), ("float32", 1e-5)])
+def test_adamw_follows_the_textbook_over_several_steps_with_a_changing_lr(dtype, rtol):
+    wd = 0.05
+    p0, gs = start(), gradients()
+    lrs = np.linspace(0.01, 0.002, STEPS)
+    got = run_scheduled(make_optimizer("adam", N, dtype, 0.01, weight_decay=wd),
+                        p0.astype(dtype), gs, lrs)
+    np.testing.assert_allclose(got, adamw_oracle(p0, gs, lrs, wd), rtol=rtol, atol=rtol * 1e-2)
+    # the decay is decoupled: not the same as Adam on the gradient plus wd * p (L2)
+    l2 = Adam(N, "float64", 0.01)
+    p = p0.copy()
+    for g, lr in zip(gs, lrs):
+        l2.lr = lr
+        l2.step(p, g + wd * p)
+    assert not np.allclose(got, p, rtol=1e-3)
+    assert not np.allclose(got, adam_oracle(p0, gs, 0.01), rtol=1e-3)
+
+
+def test_weight_decay_needs_adam():
+    with pytest.raises(ConfigError, match="weight decay .* needs optimizer adam, not sgd"):
+        make_optimizer("sgd", N, "float64", 0.1, weight_decay=0.01)
+
+
+def test_adamw_matches_pytorch():
+    torch = pytest.importorskip("torch")
+    lr, wd = 0.01, 0.05
+    p0, gs = start(), gradients()
+    w = torch.tensor(p0, dtype=torch.float64, requires_grad=True)
+    ref = torch.optim.AdamW([w], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=wd)
+    for g in gs:
+        w.grad = torch.tensor(g, dtype=torch.float64)
+        ref.step()
+    got = run(Adam(N, "float64", lr, weight_decay=wd), p0, gs)
+    np.testing.assert_allclose(got, w.detach().numpy(), rtol=1e-12, atol=1e-14)

@@ -85,8 +85,8 @@ def test_every_batch_mode_learns_the_blobs(batch_size, lr, epochs):
 def test_full_batch_takes_one_step_per_epoch():
     cfg = make_config("modern", batch_size="full", epochs=3, engine="numpy", threads=1)
     steps = []
-    res = train.fit(cfg, synthetic(), progress=False, log=lambda *_: None,
-                    on_chunk=lambda epoch, done, net, opt: steps.append(opt.t))
+    train.fit(cfg, synthetic(), progress=False, log=lambda *_: None,
+              on_chunk=lambda epoch, done, net, opt: steps.append(opt.t))
     assert steps == [1, 2, 3]
 
 
@@ -390,3 +390,157 @@ def test_a_checkpoint_from_before_validation_loads_without_a_split(tmp_path):
     io.save_checkpoint(tmp_path / "old.safetensors", arrays, old)
     ck = checkpoint.read(tmp_path / "old.safetensors")
     assert ck.config == cfg and ck.finished and ck.position.best_epoch is None
+
+
+# --- augmentation --------------------------------------------------------------------------------
+
+def test_augment_settings_are_checked_and_per_sample_engines_refuse_it():
+    with pytest.raises(ConfigError, match="unknown augmentation 'shift3'.*shift2\\+flip"):
+        make_config("modern", augment="shift3")
+    cfg = make_config("paper", engine="serial", augment="shift1")
+    with pytest.raises(ConfigError, match="engine serial .*cannot apply --augment shift1"):
+        train.fit(cfg, synthetic(), progress=False, log=lambda *_: None)
+    # auto falls back from the per-sample engine to numpy, which augments
+    auto = dataclasses.replace(cfg, engine="auto", threads=1)
+    assert train.fit(auto, synthetic(n=64, n_test=16), progress=False,
+                     log=lambda *_: None).engine == "numpy"
+    assert config.augmentation(make_config("modern", augment="shift2+flip")).shift == 2
+    assert config.augmentation(make_config("modern", augment="flip")).shift == 0
+    assert config.augmentation(make_config("modern")) is None
+
+
+def test_augmented_runs_are_bitwise_at_1_and_2_threads_and_differ_from_plain():
+    ds = synthetic(n=256, n_test=32, dtype="float32")
+
+    def weights(**kw):
+        cfg = make_config("modern", hidden=(16,), epochs=2, batch_size=32, validation_split=0.0,
+                          engine="batch", **kw)
+        return train.fit(cfg, ds, progress=False, log=lambda *_: None).net.params
+
+    one = weights(augment="shift2+flip", threads=1)
+    assert np.array_equal(one, weights(augment="shift2+flip", threads=2))
+    assert not np.array_equal(one, weights(augment="none", threads=1))
+    assert not np.array_equal(one, weights(augment="shift2+flip", threads=1, seed=2))
+
+
+def test_a_given_engine_without_augmentation_is_refused_for_an_augmented_run():
+    from parnn.engines import make_engine
+
+    cfg = make_config("modern", augment="shift1", batch_size=16, threads=1)
+    with pytest.raises(ConfigError, match="augment shift1: the engine batch given was made "
+                       "without it"):
+        train.fit(cfg, synthetic(n=64, n_test=16), progress=False, log=lambda *_: None,
+                  engine=make_engine("batch"))
+
+
+def test_an_augmented_dropout_run_resumed_mid_epoch_ends_with_the_same_bits(tmp_path):
+    from parnn.run import checkpoint
+
+    ds = synthetic(n=240, n_test=40)
+    cfg = make_config("modern", hidden=(16,), epochs=2, batch_size=20, validation_split=0.0,
+                      engine="batch", augment="shift2+flip", dropout=0.2, threads=1,
+                      lr_schedule="constant")
+    quiet = dict(progress=False, log=lambda *_: None)
+    whole = train.fit(cfg, ds, **quiet).net.params
+
+    class Crash(Exception):
+        pass
+
+    def crash(epoch, done, net, opt):   # 6 steps into epoch 2, before that chunk is saved
+        if epoch == 2 and done >= 120:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train.fit(cfg, ds, checkpoints=checkpoint.Checkpointer(tmp_path, every=3),
+                  on_chunk=crash, **quiet)
+    ck = checkpoint.load(tmp_path)
+    assert ck.step < 24 and ck.step > 12                        # mid-epoch 2
+    resumed = train.fit(cfg, ds, resume=ck, **quiet).net.params
+    assert np.array_equal(whole, resumed)
+
+
+# --- label smoothing -----------------------------------------------------------------------------
+
+def test_label_smoothing_is_checked_and_trains_on_the_smoothed_targets(monkeypatch):
+    for bad in (1.0, -0.1, "0.1"):
+        with pytest.raises(ConfigError, match="label smoothing must be a number in \\[0, 1\\)"):
+            make_config("modern", label_smoothing=bad)
+    with pytest.raises(ConfigError, match="label smoothing applies to the cross_entropy loss"):
+        make_config("paper", label_smoothing=0.1)
+    seen = []
+    real = config.make_engine
+
+    def spy(name, **kw):
+        eng = real(name, **kw)
+        inner = eng.train
+        eng.train = lambda net, opt, X, T, *a, **k: seen.append(T.copy()) or inner(net, opt, X, T,
+                                                                                    *a, **k)
+        return eng
+
+    monkeypatch.setattr(config, "make_engine", spy)
+    cfg = make_config("modern", hidden=(8,), epochs=1, batch_size=16, threads=1,
+                      label_smoothing=0.2, validation_split=0.0)
+    train.fit(cfg, synthetic(n=64, n_test=16), progress=False, log=lambda *_: None)
+    T = seen[0]
+    np.testing.assert_allclose(np.sort(np.unique(T)), [0.02, 0.82], rtol=1e-6)
+
+
+# --- weight decay (AdamW) ------------------------------------------------------------------------
+
+def test_weight_decay_is_checked_and_shrinks_the_weights():
+    with pytest.raises(ConfigError, match="weight decay must be a number >= 0"):
+        make_config("modern", weight_decay=-0.1)
+    with pytest.raises(ConfigError, match="weight decay is AdamW's .* needs optimizer adam"):
+        make_config("modern", optimizer="sgd", weight_decay=0.01)
+    ds = synthetic(n=128, n_test=16)
+
+    def weights(wd, engine):
+        cfg = make_config("modern", hidden=(8,), epochs=2, batch_size=16, threads=1,
+                          validation_split=0.0, weight_decay=wd, engine=engine)
+        return train.fit(cfg, ds, progress=False, log=lambda *_: None).net.params
+
+    decayed = weights(0.5, "batch")
+    np.testing.assert_allclose(decayed, weights(0.5, "numpy"), rtol=1e-4, atol=1e-6)
+    assert np.linalg.norm(decayed) < np.linalg.norm(weights(0.0, "batch"))
+
+
+# --- warm-up then cosine -------------------------------------------------------------------------
+
+def test_warmup_cosine_rises_linearly_then_follows_the_cosine_over_the_rest():
+    cfg = make_config("modern", epochs=10, lr=0.01, lr_schedule="warmup-cosine", warmup_epochs=2)
+    rates = [config.lr_at(cfg, e) for e in range(1, 11)]
+    assert rates[:3] == pytest.approx([0.005, 0.01, 0.01])      # 1/2, 2/2, then the cosine's top
+    rest = make_config("modern", epochs=8, lr=0.01)              # the cosine over the 8 left
+    assert rates[2:] == pytest.approx([config.lr_at(rest, e) for e in range(1, 9)])
+    no_warmup = dataclasses.replace(cfg, warmup_epochs=0)
+    assert [config.lr_at(no_warmup, e) for e in range(1, 11)] == \
+        pytest.approx([config.lr_at(dataclasses.replace(cfg, lr_schedule="cosine",
+                                                        warmup_epochs=0), e)
+                       for e in range(1, 11)])
+    with pytest.raises(ConfigError, match="warm-up epochs apply to lr schedule warmup-cosine"):
+        make_config("modern", warmup_epochs=2)
+    with pytest.raises(ConfigError, match="warm-up epochs \\(10\\) must be fewer than the epochs"):
+        make_config("modern", epochs=10, lr_schedule="warmup-cosine", warmup_epochs=10)
+    with pytest.raises(ConfigError, match="warm-up epochs must be an integer >= 0"):
+        make_config("modern", lr_schedule="warmup-cosine", warmup_epochs=-1)
+
+
+# --- dropout -------------------------------------------------------------------------------------
+
+def test_dropout_is_checked_refused_by_per_sample_engines_and_bitwise_at_1_and_2_threads():
+    for bad in (1.0, -0.5):
+        with pytest.raises(ConfigError, match="dropout rate must be a number in \\[0, 1\\)"):
+            make_config("modern", dropout=bad)
+    with pytest.raises(ConfigError, match="engine serial .*cannot apply --dropout 0.2 to batches"):
+        train.fit(make_config("paper", engine="serial", dropout=0.2), synthetic(),
+                  progress=False, log=lambda *_: None)
+    ds = synthetic(n=256, n_test=32, dtype="float32")
+
+    def weights(**kw):
+        cfg = make_config("modern", hidden=(16, 8), epochs=2, batch_size=32,
+                          validation_split=0.0, engine="batch", **kw)
+        return train.fit(cfg, ds, progress=False, log=lambda *_: None).net.params
+
+    one = weights(dropout=0.2, threads=1)
+    assert np.array_equal(one, weights(dropout=0.2, threads=2))
+    assert not np.array_equal(one, weights(threads=1))

@@ -214,7 +214,7 @@ class _MLP(BaseEstimator):
                       else self._params.copy())
         keep = incremental and not reset and self._opt.name == cfg.optimizer
         opt = self._opt if keep else make_optimizer(cfg.optimizer, spec.n_params, spec.dtype,
-                                                    cfg.lr, cfg.momentum)
+                                                    cfg.lr, cfg.momentum, cfg.weight_decay)
         # partial_fit carries the order's stream on; fit starts it where parnn.train does
         order_rng = self._order_rng if incremental and not reset \
             else np.random.default_rng(cfg.seed + 1)

@@ -137,6 +137,9 @@ def build_parser():
              help="transform each training batch on the fly, drawn from the seed: none, "
              "shift1, shift2 (whole-pixel shifts of up to 1 or 2 pixels), flip (left-right, "
              "probability 1/2), shift1+flip, shift2+flip; mini-batch engines only")
+    _setting(r, "--dropout", type=float, metavar="RATE",
+             help="while training, zero each hidden unit with probability RATE and scale the "
+             "rest by 1/(1-RATE), masks drawn from the seed; 0 = off; mini-batch engines only")
     _setting(r, "--label-smoothing", type=float, metavar="EPS",
              help="train cross-entropy on targets (1 - EPS) one-hot + EPS / classes; 0 = off")
     _setting(r, "--validation-split", type=float, metavar="FRACTION",

@@ -154,3 +154,85 @@ def param_views(layers, flat):
             o += n
         views.append(tuple(arrays))
     return views
+
+
+class Dropout:
+    """Inverted dropout on the previous layer's output, training only: y = x * mask, each
+    mask entry 0 with probability `rate`, else 1 / (1 - rate), so E[y] = x and nothing is
+    rescaled at inference (where the network has no Dropout layers at all).
+
+        x, y, mask (B, n)      no parameters
+
+    The mask is not a generator's next draws but a function of (seed, epoch, layer, sample
+    index, unit) (dropout_mask): it does not depend on the thread count, on which batch a
+    sample falls in, or on where a resumed run restarts. `draw(epoch, idx)` sets it for a batch
+    before forward; backward reuses it (dL/dx = dL/dy * mask).
+    """
+
+    shapes = ()
+    n_params = 0
+
+    def __init__(self, n, rate, seed, layer, dtype="float64"):
+        self.n, self.rate, self.seed, self.layer = n, rate, seed, layer
+        self.out_shape = (n,)
+        self.dtype = np.dtype(dtype)
+        self.mask = np.empty((0, n), self.dtype)
+
+    def __repr__(self):
+        return f"Dropout({self.n}, {self.rate!r})"
+
+    def draw(self, epoch, idx):
+        """The mask of the batch of samples idx (int64) in an epoch, into a reused buffer."""
+        if self.mask.shape[0] < len(idx):
+            self.mask = np.empty((len(idx), self.n), self.dtype)
+        mask = self.mask[:len(idx)]
+        dropout_mask(np.uint64(dropout_key(self.seed, epoch, self.layer)),
+                     np.ascontiguousarray(idx, np.int64), float(self.rate),
+                     self.dtype.type(1.0 / (1.0 - self.rate)), mask)
+        return mask
+
+    def forward(self, p, x, y=None):
+        return np.multiply(x, self.mask[:len(x)], out=y)
+
+    def backward(self, p, x, y, dy, g, dx=None, propagate=True):
+        if not propagate:
+            return None
+        return np.multiply(dy, self.mask[:len(dy)], out=dx)
+
+
+GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+DROPOUT_SALT = 0xD50D0D0D   # so dropout's stream is not augmentation's, at the same seed
+_GOLDEN, _MIX1, _MIX2 = np.uint64(GOLDEN), np.uint64(MIX1), np.uint64(MIX2)
+
+
+def splitmix64(x):
+    """The first output of splitmix64 seeded at x, on Python ints mod 2^64."""
+    z = (x + GOLDEN) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * MIX1) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * MIX2) & (2**64 - 1)
+    return z ^ (z >> 31)
+
+
+def dropout_key(seed, epoch, layer):
+    """The key of one dropout layer's masks in one epoch (parnn.engines.augment's chain)."""
+    return splitmix64(splitmix64(splitmix64(splitmix64(seed ^ DROPOUT_SALT) ^ epoch) ^ layer))
+
+
+@compiled(cache=True)
+def dropout_mask(key, idx, rate, scale, mask):
+    """mask[b, j] = 0 if u < rate else scale, u in [0, 1) the top 53 bits of
+    splitmix64(splitmix64(key ^ idx[b]) + j * GOLDEN), key = dropout_key(seed, epoch, layer).
+    Not parallel: a hash per unit is cheap next to the matrix products, and a Numba pool
+    between BLAS calls would fight BLAS's."""
+    for b in range(mask.shape[0]):
+        z = (key ^ np.uint64(idx[b])) + _GOLDEN            # splitmix64(key ^ idx[b])
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        sample = z ^ (z >> np.uint64(31))
+        for j in range(mask.shape[1]):
+            z = sample + np.uint64(j) * _GOLDEN + _GOLDEN  # splitmix64(sample + j * GOLDEN)
+            z = (z ^ (z >> np.uint64(30))) * _MIX1
+            z = (z ^ (z >> np.uint64(27))) * _MIX2
+            z = z ^ (z >> np.uint64(31))
+            u = np.float64(z >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+            mask[b, j] = 0 if u < rate else scale

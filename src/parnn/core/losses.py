@@ -7,6 +7,11 @@ one row per sample:
 
     value(p, t)                   the loss summed over the rows (callers divide by B for the mean)
     delta(p, t, output, out=None) dL/dz, the delta of the last layer's pre-activation z
+
+Label smoothing (Szegedy et al. 2016) is cross-entropy against softened targets,
+t' = (1 - eps) t + eps / K for K classes: smooth_labels makes t' once, and value and delta above
+then give L = -sum_j t'_j log p_j and dL/dz = p - t' unchanged (tests/test_model.py checks the
+gradient by finite differences).
 """
 
 from __future__ import annotations
@@ -45,6 +50,14 @@ class CrossEntropy:
         if output != "softmax":  # pragma: no cover - Spec.validate refuses this
             raise ConfigError("cross_entropy needs the softmax output")
         return np.subtract(p, t, out=out)          # dL/dz = p - t: (B, n)
+
+
+def smooth_labels(t, eps, out=None):
+    """t' = (1 - eps) t + eps / K, K = t.shape[1]: one-hot targets softened for label smoothing
+    (eps in [0, 1): the true class keeps the largest target, so accuracy reads the same)."""
+    out = np.multiply(t, 1.0 - eps, out=out)
+    out += eps / t.shape[1]
+    return out
 
 
 LOSSES = {"mse": MSE(), "cross_entropy": CrossEntropy()}

@@ -70,13 +70,19 @@ class Adam(SGD):
     with the corrections folded into one step size and epsilon:
         params -= lr_t m / (sqrt(v) + eps_t),   lr_t = lr sqrt(1 - beta2^t) / (1 - beta1^t),
                                                 eps_t = eps sqrt(1 - beta2^t)
+
+    weight_decay = lambda > 0 makes it AdamW (Loshchilov & Hutter 2019), the decay decoupled from
+    the gradient's moments: params -= lr (m_hat / (sqrt(v_hat) + eps) + lambda params), done as
+    params *= 1 - lr lambda before the Adam step (as torch.optim.AdamW does). lr is the
+    scheduled rate, so the decay follows the schedule. Every parameter decays, biases too.
     """
 
     name = "adam"
 
-    def __init__(self, n, dtype, lr, beta1=0.9, beta2=0.999, eps=1e-8):
+    def __init__(self, n, dtype, lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0):
         super().__init__(n, dtype, lr)
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.weight_decay = weight_decay
         self.m = np.zeros(n, dtype)
         self.v = np.zeros(n, dtype)
 
@@ -86,6 +92,8 @@ class Adam(SGD):
         lr_t = self.lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
         eps_t = self.eps * np.sqrt(1 - b2 ** t)
         f = params.dtype.type
+        if self.weight_decay:
+            params *= f(1 - self.lr * self.weight_decay)
         adam_update(params, grad, self.m, self.v, f(b1), f(1 - b1), f(b2), f(1 - b2),
                     float(eps_t), float(lr_t))
 
@@ -119,11 +127,15 @@ def adam_update(p, g, m, v, b1, c1, b2, c2, eps_t, lr_t):
         p[i] = p[i] - v.dtype.type((mi / den) * lr_t)
 
 
-def make_optimizer(name, n, dtype, lr, momentum=0.9):
+def make_optimizer(name, n, dtype, lr, momentum=0.9, weight_decay=0.0):
+    """weight_decay: AdamW's decoupled decay, optimizer adam only."""
+    if weight_decay and name != "adam":
+        raise ConfigError(f"weight decay is AdamW's decoupled decay: it needs optimizer adam, "
+                          f"not {name}")
     if name == "sgd":
         return SGD(n, dtype, lr)
     if name == "momentum":
         return Momentum(n, dtype, lr, momentum)
     if name == "adam":
-        return Adam(n, dtype, lr)
+        return Adam(n, dtype, lr, weight_decay=weight_decay)
     raise ConfigError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")

@@ -14,7 +14,15 @@ from parnn.engines import EpochStats
 
 
 class NumpyEngine:
+    """augment: None, or a parnn.engines.batch.Augmentation (train's `epoch` picks the
+    epoch's transforms); dropout: None, or a parnn.engines.batch.DropoutOption; as for the
+    batch engine."""
+
     name = "numpy"
+
+    def __init__(self, augment=None, dropout=None):
+        self.augment = augment
+        self.dropout = dropout
 
     def check(self, spec, optimizer, batch_size):
         return None
@@ -22,13 +30,21 @@ class NumpyEngine:
     def info(self):
         return {"engine": self.name}
 
-    def train(self, net, opt, X, T, order, batch_size):
+    def train(self, net, opt, X, T, order, batch_size, epoch=1):
         grad = np.empty_like(net.params)
         stats = EpochStats()
+        tnet = net
+        if self.dropout is not None:
+            from parnn.engines.batch import draw_masks, training_net
+            tnet = training_net(net, self.dropout)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             Tb = T[idx]
-            acts = net.forward(X[idx])
-            stats += EpochStats(net.backward(acts, Tb, grad), n_correct(acts[-1], Tb), len(idx))
+            Xb = X[idx] if self.augment is None else \
+                self.augment.fill(X, idx, np.empty((len(idx), X.shape[1]), X.dtype), epoch)
+            if tnet is not net:
+                draw_masks(tnet, epoch, idx)
+            acts = tnet.forward(Xb)
+            stats += EpochStats(tnet.backward(acts, Tb, grad), n_correct(acts[-1], Tb), len(idx))
             opt.step(net.params, grad)
         return stats

@@ -44,9 +44,7 @@ import numba
 import numpy as np
 
 from parnn.engines import EpochStats, contiguous_inputs
-# RELU, SIGMOID, TANH, dact, output_delta and typed are re-exported for engines/batch.py
-from parnn.engines.compiled import (ACT_CODES, LOSS_CODES, RELU, SIGMOID, TANH,  # noqa: F401
-                                    cycles_per_second, dact, output_delta, typed)
+from parnn.engines.compiled import ACT_CODES, LOSS_CODES, cycles_per_second
 from parnn.engines.loop import (PHASES, Workspace, blocked_transpose, layer_table, nogil_loop,
                                 prange_loop, unblock)
 from parnn.errors import ConfigError

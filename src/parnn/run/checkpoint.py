@@ -233,8 +233,10 @@ def _number(value, what):
 
 
 # Settings added after checkpoints were first written, and the values that reproduce what a
-# checkpoint without them did: no validation split, no early stopping.
-LATER_SETTINGS = {"validation_split": 0.0, "early_stopping": None}
+# checkpoint without them did: no validation split, no early stopping, none of the training
+# ingredients (augmentation, dropout, label smoothing, weight decay, warm-up).
+LATER_SETTINGS = {"validation_split": 0.0, "early_stopping": None, "augment": "none",
+                  "dropout": 0.0, "label_smoothing": 0.0, "weight_decay": 0.0, "warmup_epochs": 0}
 
 
 def _parse(path, arrays, meta):

@@ -19,12 +19,15 @@ import numpy as np
 
 from parnn.core.model import DTYPES, HIDDEN_ACTIVATIONS, INITS, LOSSES, OUTPUT_ACTIVATIONS, Spec
 from parnn.core.optim import OPTIMIZERS
-from parnn.engines import available, make_engine
+from parnn.engines import PER_SAMPLE, available, make_engine
 from parnn.errors import ConfigError
 
 PRESET_NAMES = ("paper", "modern")
 DEFAULT_PRESET = "modern"
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "warmup-cosine")
+# On-the-fly augmentation (parnn.engines.augment): whole-pixel shifts of up to 1 or 2 pixels per
+# axis, and/or a left-right mirror with probability 1/2.
+AUGMENTS = ("none", "shift1", "shift2", "flip", "shift1+flip", "shift2+flip")
 
 
 # --- what a setting allows ---------------------------------------------------------------------
@@ -115,12 +118,17 @@ CONSTRAINTS = {
     "optimizer":   OneOf("optimizer", OPTIMIZERS),
     "lr":          Range("learning rate", float, 0, closed="neither", name_kind=True),
     "lr_schedule": OneOf("learning-rate schedule", LR_SCHEDULES),
+    "warmup_epochs": Range("warm-up epochs", int, 0, name_kind=True),
     "momentum":    Range("momentum", float, 0, 1),
+    "weight_decay": Range("weight decay", float, 0, name_kind=True),
     "batch_size":  Range("batch size", int, 1, also=("full",)),   # "full": full-batch GD
     "epochs":      Range("epochs", int, 1),
     "validation_split": Range("validation split", float, 0, 1, name_kind=True),
     "early_stopping":   Range("early-stopping patience", int, 1, name_kind=True, also=(None,)),
     "seed":        Range("seed", int, 0, name_kind=True),
+    "augment":     OneOf("augmentation", AUGMENTS),
+    "dropout":     Range("dropout rate", float, 0, 1, name_kind=True),
+    "label_smoothing": Range("label smoothing", float, 0, 1, name_kind=True),
     "engine":      OneOf("engine", (*available(), "auto")),
     "threads":     Range("threads", int, 1),
 }
@@ -151,7 +159,9 @@ class TrainConfig:
     optimizer: str = "adam"
     lr: float = 1e-3
     lr_schedule: str = "cosine"
+    warmup_epochs: int = 0         # warmup-cosine only: epochs of linear warm-up (see lr_at)
     momentum: float = 0.9          # optimizer momentum only
+    weight_decay: float = 0.0      # AdamW's decoupled decay (parnn.core.optim.Adam), adam only
     batch_size: int | str = 128    # int, or "full" for full-batch GD
     epochs: int = 15
     # The fraction of the training set held out, stratified by class and drawn from the seed,
@@ -161,6 +171,14 @@ class TrainConfig:
     # epoch's weights (None: off).
     early_stopping: int | None = None
     seed: int = 1
+    # On-the-fly augmentation of each training batch, a function of (seed, epoch, sample): see
+    # AUGMENTS and augmentation(); the mini-batch engines only.
+    augment: str = "none"
+    # Inverted dropout after every hidden layer while training, masks drawn from (seed, epoch,
+    # layer, sample, unit) (parnn.core.layers.Dropout); the mini-batch engines only.
+    dropout: float = 0.0
+    # Cross-entropy against targets (1 - eps) one_hot + eps / K (parnn.core.losses.smooth_labels).
+    label_smoothing: float = 0.0
     engine: str = "auto"
     threads: int = field(default_factory=usable_cores)
 
@@ -170,6 +188,20 @@ class TrainConfig:
         for name, allowed in CONSTRAINTS.items():
             allowed.check(getattr(self, name))
         self.spec()   # and the pairs Spec refuses (cross-entropy needs a softmax output)
+        if self.warmup_epochs and self.lr_schedule != "warmup-cosine":
+            raise ConfigError(f"warm-up epochs apply to lr schedule warmup-cosine (the schedule "
+                              f"is {self.lr_schedule}): add --lr-schedule warmup-cosine or drop "
+                              "--warmup-epochs")
+        if self.lr_schedule == "warmup-cosine" and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"warm-up epochs ({self.warmup_epochs}) must be fewer than the "
+                              f"epochs ({self.epochs})")
+        if self.weight_decay and self.optimizer != "adam":
+            raise ConfigError(f"weight decay is AdamW's decoupled decay and needs optimizer adam "
+                              f"(the optimizer is {self.optimizer}): add --optimizer adam or "
+                              "drop --weight-decay")
+        if self.label_smoothing and self.loss != "cross_entropy":
+            raise ConfigError(f"label smoothing applies to the cross_entropy loss (the loss is "
+                              f"{self.loss}): add --loss cross_entropy or drop --label-smoothing")
 
     def spec(self, n_in=784, n_out=10):
         return Spec((n_in, *self.hidden, n_out), self.activation, self.output, self.loss, self.dtype)
@@ -224,12 +256,45 @@ def override(cfg, **overrides):
 
 
 def lr_at(cfg, epoch):
-    """The learning rate of an epoch (1-based): constant, or cosine from lr down towards 0.
+    """The learning rate of an epoch (1-based): constant; cosine from lr down towards 0; or
+    warmup-cosine: lr * e / W over the first W = warmup_epochs epochs (W = 0: none), then the
+    cosine over the epochs left, starting at lr.
 
     A function of the epoch alone, so a resumed run needs no extra state for it."""
     if cfg.lr_schedule == "constant":
         return cfg.lr
-    return cfg.lr * 0.5 * (1.0 + np.cos(np.pi * (epoch - 1) / cfg.epochs))
+    warm = cfg.warmup_epochs if cfg.lr_schedule == "warmup-cosine" else 0
+    if epoch <= warm:
+        return cfg.lr * epoch / warm
+    return cfg.lr * 0.5 * (1.0 + np.cos(np.pi * (epoch - 1 - warm) / (cfg.epochs - warm)))
+
+
+def augmentation(cfg):
+    """The engines' augmentation option for cfg (a parnn.engines.batch.Augmentation), or None."""
+    if cfg.augment == "none":
+        return None
+    from parnn.engines.batch import Augmentation
+
+    parts = cfg.augment.split("+")
+    shift = next((int(p[len("shift"):]) for p in parts if p.startswith("shift")), 0)
+    return Augmentation(cfg.seed, shift=shift, hflip="flip" in parts)
+
+
+def engine_options(cfg, name):
+    """The options make_engine gets for cfg; ConfigError if engine `name` cannot take them."""
+    from parnn.engines.batch import DropoutOption
+
+    options = {}
+    if cfg.augment != "none":
+        options["augment"] = augmentation(cfg)
+    if cfg.dropout:
+        options["dropout"] = DropoutOption(cfg.dropout, cfg.seed)
+    if options and name in PER_SAMPLE:
+        what = " and ".join(f"--{k} {getattr(cfg, k)}" for k in ("augment", "dropout")
+                            if k in options)
+        raise ConfigError(f"engine {name} trains sample by sample and cannot apply {what} to "
+                          f"batches: use --engine batch or numpy, or drop it")
+    return options
 
 
 # --- with the data: the batch size and the engine ------------------------------------------------
@@ -251,7 +316,8 @@ def check_engine(cfg, spec):
     size known up front (an int); "full" needs the training set's size, so pick_engine checks
     it then, as it checks "auto"."""
     if cfg.engine != "auto" and cfg.batch_size != "full":
-        make_engine(cfg.engine).check(spec, cfg.optimizer, cfg.batch_size)
+        engine = make_engine(cfg.engine, **engine_options(cfg, cfg.engine))
+        engine.check(spec, cfg.optimizer, cfg.batch_size)
 
 
 def batch_size_for(cfg, n_train, held_out=0):
@@ -278,15 +344,15 @@ def pick_engine(cfg, spec, n_train):
     first of the preferences that does. The run keeps it (fit picks once, or is handed one)."""
     bs = batch_size_for(cfg, n_train)
     if cfg.engine != "auto":
-        engine = make_engine(cfg.engine)
+        engine = make_engine(cfg.engine, **engine_options(cfg, cfg.engine))
         engine.check(spec, cfg.optimizer, bs)
         return engine
     prefs = AUTO_PER_SAMPLE if bs == 1 and cfg.optimizer == "sgd" else AUTO_BATCH
     for name in prefs:
         try:
-            engine = make_engine(name)
+            engine = make_engine(name, **engine_options(cfg, name))
             engine.check(spec, cfg.optimizer, bs)
             return engine
         except ConfigError:
             continue
-    return make_engine("numpy")
+    return make_engine("numpy", **engine_options(cfg, "numpy"))

@@ -8,7 +8,6 @@ simple and errs on the high side: it is a gate, not a profile.
 
 from __future__ import annotations
 
-import os
 
 import numpy as np
 

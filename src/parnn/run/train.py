@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from parnn import __version__
+from parnn.core.losses import smooth_labels
 from parnn.core.model import MLP
 from parnn.core.optim import make_optimizer
 from parnn.engines import EpochStats
 from parnn.errors import ConfigError, DivergenceError
 from parnn.run.config import TrainConfig, batch_size_for, lr_at, pick_engine
-
-# Still importable from here until tests/test_fuzz.py imports it from run.config; then remove.
-from parnn.run.config import make_config  # noqa: F401
 
 
 # --- threads ---------------------------------------------------------------------------------
@@ -148,12 +146,19 @@ def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, re
                           "validation set: set a validation split > 0 (--validation-split)")
     spec = cfg.spec(data.X_train.shape[1], len(data.class_names))
     engine = pick_engine(cfg, spec, n_train) if engine is None else engine
+    for name, wanted in (("augment", cfg.augment != "none"), ("dropout", cfg.dropout)):
+        if wanted and getattr(engine, name, None) is None:
+            raise ConfigError(f"{name} {getattr(cfg, name)}: the engine {engine.name} given was "
+                              f"made without it (make it with run.config.engine_options)")
     net = MLP(spec, init=cfg.init, seed=cfg.seed)
     X = np.ascontiguousarray(data.X_train, dtype=spec.dtype)
     T = one_hot(data.y_train, spec.sizes[-1], spec.dtype)
+    if cfg.label_smoothing:   # every engine then trains on the smoothed loss (core/losses.py)
+        T = smooth_labels(T, cfg.label_smoothing, out=T)
     test = None if data.X_test is None or not len(data.X_test) else \
         Subset(data.X_test, data.y_test)
-    opt = make_optimizer(cfg.optimizer, spec.n_params, spec.dtype, cfg.lr, cfg.momentum)
+    opt = make_optimizer(cfg.optimizer, spec.n_params, spec.dtype, cfg.lr, cfg.momentum,
+                         cfg.weight_decay)
     # The shuffle has its own stream (seed + 1, as in the C reference): the order never depends
     # on how many random numbers the init drew.
     order_rng = np.random.default_rng(cfg.seed + 1)
@@ -263,10 +268,14 @@ def run_epoch(engine, net, opt, X, T, order, bs, epoch, cfg, progress, on_chunk,
     pos is kept current after every chunk, before on_chunk runs, so on_chunk can checkpoint."""
     pos = pos if pos is not None else Position(epoch)
     step = chunk_size(engine, bs, len(order), max_chunk)
+    # Engines that augment or drop out draw each epoch's transforms and masks from it; the
+    # others take no epoch.
+    random = any(getattr(engine, k, None) is not None for k in ("augment", "dropout"))
+    when = {"epoch": epoch} if random else {}
     bar = _progress_bar(len(order), epoch, cfg.epochs, progress, initial=pos.done)
     t0 = time.perf_counter() - pos.seconds
     for start in range(pos.done, len(order), step):
-        chunk = engine.train(net, opt, X, T, order[start:start + step], bs)
+        chunk = engine.train(net, opt, X, T, order[start:start + step], bs, **when)
         pos.stats += chunk
         pos.done = min(start + step, len(order))
         pos.seconds = time.perf_counter() - t0
