@@ -530,7 +530,7 @@ def test_a_checkpoint_with_malformed_history_is_refused_before_anything_is_writt
 # --- item 9: temporaries left by a SIGKILL are swept when the next run starts --------------------
 
 def test_temporaries_of_a_killed_run_are_swept_at_start(ws, tmp_path):
-    """What a SIGKILL at any point of the output writes leaves (io.atomic_open's temporaries,
+    """What a SIGKILL at any point of the output writes leaves (parnn.atomic.atomic_open's temporaries,
     beside each output and each checkpoint), removed by the next run in that directory."""
     out = tmp_path / "out"
     (out / "checkpoints").mkdir(parents=True)

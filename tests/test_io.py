@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from parnn import io, modelinfo, paths
+from parnn import atomic, io, modelinfo, paths
 from parnn.errors import ModelFileError
 from parnn.core.model import MLP, Spec
 
@@ -455,7 +455,7 @@ def test_exception_midway_leaves_old_file_and_no_temp(tmp_path):
     target = tmp_path / "out.txt"
     target.write_text("old")
     with pytest.raises(RuntimeError):
-        with io.atomic_open(target, "w") as f:
+        with atomic.atomic_open(target, "w") as f:
             f.write("new half")
             raise RuntimeError("boom")
     assert target.read_text() == "old" and leftovers(tmp_path) == []
@@ -465,7 +465,7 @@ def test_exception_midway_leaves_old_file_and_no_temp(tmp_path):
         raise RuntimeError("generator died")
 
     with pytest.raises(RuntimeError):
-        with io.atomic_open(target, "w") as f:
+        with atomic.atomic_open(target, "w") as f:
             csv.writer(f).writerows([r.values()] for r in rows())
     assert target.read_text() == "old" and leftovers(tmp_path) == []
 
@@ -486,22 +486,22 @@ def test_failing_replace_leaves_old_model(tmp_path, monkeypatch):
 
 def test_atomic_helpers(tmp_path):
     d = tmp_path / "new" / "dirs"
-    io.atomic_write_bytes(d / "b.bin", b"\x00\x01")
+    atomic.atomic_write_bytes(d / "b.bin", b"\x00\x01")
     assert (d / "b.bin").read_bytes() == b"\x00\x01"
     umask = os.umask(0)
     os.umask(umask)
     assert (d / "b.bin").stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
-    io.atomic_write_text(d / "t.txt", "héllo")
+    atomic.atomic_write_text(d / "t.txt", "héllo")
     assert (d / "t.txt").read_text(encoding="utf-8") == "héllo"
-    io.atomic_write_json(d / "j.json", {"b": np.float32(0.5), "a": np.arange(2)})
+    atomic.atomic_write_json(d / "j.json", {"b": np.float32(0.5), "a": np.arange(2)})
     assert json.loads((d / "j.json").read_text()) == {"a": [0, 1], "b": 0.5}
-    io.atomic_write_csv(d / "c.csv", [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "acc": 0.9}])
+    atomic.atomic_write_csv(d / "c.csv", [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "acc": 0.9}])
     with open(d / "c.csv", newline="") as f:
         assert list(csv.DictReader(f)) == [{"epoch": "1", "loss": "0.5", "acc": ""},
                                            {"epoch": "2", "loss": "", "acc": "0.9"}]
     assert leftovers(d) == []
     with pytest.raises(ValueError):
-        with io.atomic_open(d / "x", "a"):
+        with atomic.atomic_open(d / "x", "a"):
             pass
 
 

@@ -31,7 +31,7 @@ import os
 
 import numpy as np
 
-from parnn import __version__, io
+from parnn import __version__, atomic, io
 from parnn.errors import ConfigError, ParnnError
 from parnn.paths import shown
 
@@ -61,7 +61,7 @@ def to_onnx(model_or_path, path=None, opset=DEFAULT_OPSET, dtype=None):
     onnx.checker.check_model(proto, full_check=True)   # a bug here, not the user's input
     if path is not None:
         try:
-            io.atomic_write_bytes(path, proto.SerializeToString())
+            atomic.atomic_write_bytes(path, proto.SerializeToString())
         except OSError as e:
             raise ParnnError(f"{shown(path)}: cannot write: {e.strerror or e}") from None
     return proto

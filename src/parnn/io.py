@@ -1,11 +1,6 @@
-"""Files: atomic writes, and model / ensemble / checkpoint files in safetensors.
+"""Model, ensemble and checkpoint files in safetensors (written atomically: parnn.atomic).
 
 Files are opened with parnn.paths.open_regular (regular files only, one-line errors).
-
-Atomic writes: every file goes to a temp file in the target's directory, is fsynced, then
-os.replace()d onto the target and the directory is fsynced. A crash or an exception leaves
-either the old file or the new one, never half of one, and no temp file behind. A target whose
-owner write bit is clear (chmod 444) is not replaced: PermissionError, nothing written.
 
 Model files are safetensors (tensors + a str->str header; no pickle, so loading a file cannot
 run code). The header holds one key, "parnn", whose value is a JSON document:
@@ -54,18 +49,13 @@ parnn.modelinfo summarises a model or ensemble file for `parnn info MODEL`.
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import errno
 import hashlib
 import json
 import math
 import os
 import shlex
 import sys
-import tempfile
 from dataclasses import fields
-from pathlib import Path
 
 import numpy as np
 import safetensors.numpy
@@ -73,100 +63,14 @@ import safetensors.numpy
 from parnn import __version__
 from parnn.errors import ConfigError, ModelFileError, ParnnError
 from parnn.core.model import MLP, Spec
-from parnn.paths import open_regular, read_fully, read_only, shown
+from parnn.atomic import atomic_write_bytes, dumps
+from parnn.paths import open_regular, read_fully, shown
 
 FORMAT = 3  # 2: header_sha256 is required (format 1 files may lack it); 3: tensors per layer
 META_KEY = "parnn"
 LAYOUTS = ("layers", "flat")   # how a model's tensors are named; "flat" when a header names none
 UPGRADE = "python -m parnn.io upgrade"
 MAX_HEADER = 100_000_000  # bytes of safetensors JSON header; the safetensors library's own limit
-
-# mkstemp creates files 0600; finished files should get the usual 0666 & ~umask like open()
-# would. The umask can only be read by setting it, so do that once, at import time.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
-
-
-# --- atomic writes -------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_open(path, mode="w", encoding="utf-8", newline=None):
-    """Open a temp file for writing; on a clean exit it replaces `path`, on an exception it
-    is deleted and `path` is untouched. mode is "w" (text) or "wb"."""
-    if mode not in ("w", "wb"):
-        raise ValueError(f"atomic_open mode must be 'w' or 'wb', got {mode!r}")
-    path = Path(path)
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        if read_only(os.stat(path)):
-            raise PermissionError(errno.EACCES, f"{shown(path.name)} is read-only: not "
-                                  "replaced (chmod u+w lets parnn replace it)", str(path))
-    directory = path.absolute().parent
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        text = {} if mode == "wb" else {"encoding": encoding, "newline": newline}
-        with open(fd, mode, **text) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory):
-    # Makes the rename itself durable. Windows cannot open a directory, and does not need to.
-    if os.name == "nt":  # pragma: no cover
-        return
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path, data: bytes):
-    with atomic_open(path, "wb") as f:
-        f.write(data)
-
-
-def atomic_write_text(path, text: str):
-    with atomic_open(path, "w") as f:
-        f.write(text)
-
-
-def _jsonable(obj):
-    """json `default=`: NumPy scalars/arrays and paths are common in configs and results."""
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, os.PathLike):
-        return os.fspath(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serialisable")
-
-
-def _dumps(obj, **kw):
-    return json.dumps(obj, sort_keys=True, default=_jsonable, **kw)
-
-
-def atomic_write_json(path, obj):
-    atomic_write_text(path, _dumps(obj, indent=2) + "\n")
-
-
-def atomic_write_csv(path, rows: list[dict], fieldnames=None):
-    """Columns: `fieldnames`, or every key in order of first appearance; missing cells empty."""
-    if fieldnames is None:
-        fieldnames = list(dict.fromkeys(k for row in rows for k in row))
-    with atomic_open(path, "w", newline="") as f:  # the csv module wants newline=""
-        w = csv.DictWriter(f, fieldnames=fieldnames)
-        w.writeheader()
-        w.writerows(rows)
-
 
 # --- checksums -----------------------------------------------------------------------------
 
@@ -185,13 +89,13 @@ def _arrays_sha256(arrays):
     for name in sorted(arrays):
         a = np.asarray(arrays[name])
         a = np.asarray(a, dtype=a.dtype.newbyteorder("<"), order="C")
-        h.update(_dumps([name, a.dtype.str, list(a.shape)]).encode())
+        h.update(dumps([name, a.dtype.str, list(a.shape)]).encode())
         h.update(a.data)
     return h.hexdigest()
 
 
 def _header_sha256(header):
-    return hashlib.sha256(_dumps({k: v for k, v in header.items()
+    return hashlib.sha256(dumps({k: v for k, v in header.items()
                                   if k != "header_sha256"}).encode()).hexdigest()
 
 
@@ -200,11 +104,11 @@ def _header_sha256(header):
 def _write(path, tensors, header):
     # Hash the header as a reader will see it (JSON round trip: tuples become lists, NumPy
     # scalars Python numbers, keys strings), so that any change to it is detected on reading.
-    header = json.loads(_dumps({"format": FORMAT, "writer": f"parnn {__version__}", **header}))
+    header = json.loads(dumps({"format": FORMAT, "writer": f"parnn {__version__}", **header}))
     header["header_sha256"] = _header_sha256(header)
     # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,).
     data = safetensors.numpy.save({k: np.asarray(v, order="C") for k, v in tensors.items()},
-                                  metadata={META_KEY: _dumps(header)})
+                                  metadata={META_KEY: dumps(header)})
     atomic_write_bytes(path, data)
 
 

@@ -12,7 +12,8 @@ import textwrap
 
 import numpy as np
 
-from parnn.io import _dumps, _load, params_sha256
+from parnn.atomic import dumps
+from parnn.io import _load, params_sha256
 from parnn.paths import shown
 
 def model_info(path) -> dict:
@@ -84,7 +85,7 @@ def _digests(x):
 
 def _setting(value):
     # Compact JSON: no spaces inside a value, so the lines wrap between settings only.
-    return shown(value if isinstance(value, str) else _dumps(value, separators=(",", ":")))
+    return shown(value if isinstance(value, str) else dumps(value, separators=(",", ":")))
 
 
 _INPUTS_TEXT = {"pixels": "pixels: values in [0, 1] (uint8 0..255 scaled by 1/255)",

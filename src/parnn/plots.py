@@ -21,7 +21,7 @@ def _figure():
 
 def save_png(fig, path):
     """Render to memory first so the file on disk is written atomically."""
-    from parnn.io import atomic_write_bytes
+    from parnn.atomic import atomic_write_bytes
 
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")

@@ -154,7 +154,7 @@ def report(res):
 def write_results(res, out):
     """bench.json, bench.csv, breakdown.csv and the figures in `out`. Returns the paths."""
     from parnn import plots
-    from parnn.io import atomic_write_csv, atomic_write_json
+    from parnn.atomic import atomic_write_csv, atomic_write_json
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "bench.json", out / "bench.csv"]

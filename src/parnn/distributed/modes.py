@@ -152,16 +152,16 @@ def save_ensemble(out, nets, meta, cfg, result, members, rows):
     """model.safetensors (all members), history.json, history.csv and history.png as a single
     run writes them (the voted rows), each atomically; history.json adds "distributed" and
     "members" (each member's record and rows)."""
-    from parnn import io, plots
+    from parnn import atomic, io, plots
     from parnn.run.outputs import history_columns, paths as output_paths
 
     paths = output_paths(out)
     io.save_ensemble(paths["model"], nets, meta)
-    io.atomic_write_json(paths["history_json"], {
+    atomic.atomic_write_json(paths["history_json"], {
         "config": cfg.to_dict(), "engine": result.engine, "info": meta["distributed"],
         "history": rows, "test_acc": meta["test_acc"], "best_epoch": None,
         "distributed": meta["distributed"], "members": members})
-    io.atomic_write_csv(paths["history_csv"], rows, history_columns(rows, test=True))
+    atomic.atomic_write_csv(paths["history_csv"], rows, history_columns(rows, test=True))
     plots.plot_history(rows, paths["plot"],
                        title=f"parnn ensemble of {len(nets)}: soft vote (test), members' mean "
                        "(loss, train)")

@@ -139,7 +139,7 @@ class Checkpointer:
         self._saved_step, self.engine = opt.t, engine
         if opt.t:  # resumed: the checkpoint we started from is the last good one so far
             self.last = (pos.epoch, opt.t)
-        # A run killed while writing leaves its temp file (io.atomic_open's name) behind.
+        # A run killed while writing leaves its temp file (parnn.atomic.atomic_open's name) behind.
         for stale in self.dir.glob(f".{NEWEST}.*.tmp"):
             stale.unlink(missing_ok=True)
         if threading.current_thread() is not threading.main_thread():

@@ -79,12 +79,12 @@ class LiveHistory:
 
     def append(self, row):
         """One epoch's row (OSError if the file cannot be written)."""
-        from parnn import io
+        from parnn import atomic
 
         if self.columns is None:
             self.rows.append(row)
             self.columns = history_columns(self.rows, self.test)
-            io.atomic_write_csv(self.path, self.rows, self.columns)
+            atomic.atomic_write_csv(self.path, self.rows, self.columns)
             return
         with open(self.path, "a", newline="") as f:   # closing flushes it
             csv.DictWriter(f, self.columns, extrasaction="ignore").writerow(row)
@@ -92,19 +92,19 @@ class LiveHistory:
 
 def save_run(out, result, data):
     """The four files of a run in `out` (data: only its identity is read); returns their paths."""
-    from parnn import io, plots
+    from parnn import atomic, io, plots
 
     files = paths(out)
     meta = model_metadata(result, data)
     meta["test_acc"] = result.test_acc
     io.save_model(files["model"], result.net, meta)
-    io.atomic_write_json(files["history_json"], {"config": result.config.to_dict(),
+    atomic.atomic_write_json(files["history_json"], {"config": result.config.to_dict(),
                                                  "engine": result.engine, "info": result.info,
                                                  "history": result.history,
                                                  "test_acc": result.test_acc,
                                                  "best_epoch": result.best_epoch})
     test = result.test_acc is not None
-    io.atomic_write_csv(files["history_csv"], result.history,
+    atomic.atomic_write_csv(files["history_csv"], result.history,
                         history_columns(result.history, test))
     plots.plot_history(result.history, files["plot"], title=f"parnn {result.config.preset}")
     return files

@@ -122,7 +122,7 @@ def _in_use(directory, flag, fd):
 
 
 def sweep(directory, names):
-    """Remove the temporaries a killed run left beside each file in names (io.atomic_open
+    """Remove the temporaries a killed run left beside each file in names (parnn.atomic.atomic_open
     writes .NAME.XXXXXX.tmp and renames it; a SIGKILL in between leaves it). Call it holding
     the lock: another run's temporaries are in flight otherwise."""
     d = Path(directory)
