@@ -4,9 +4,12 @@ write_dataset: small Fashion-MNIST look-alikes written as real IDX files, so tes
 real CLI (`--data DIR`) without the real dataset: ten noisy class templates, learnable.
 blobs:         ten Gaussian blobs in 784-d as an in-memory Dataset: learnable, tiny, no files.
 engine_data:   inputs, one-hot targets and a shuffled order for a network's sizes, for engines.
+no_hang:       a time limit for a call that could block (a FIFO opened for reading).
 """
 
+import contextlib
 import gzip
+import signal
 import struct
 import subprocess
 import sys
@@ -65,3 +68,18 @@ def engine_data(spec, n, seed=1):
     X = (rng.random((n, spec.sizes[0])) * (rng.random((n, spec.sizes[0])) < 0.6)).astype(spec.dtype)
     T = np.eye(spec.sizes[-1], dtype=spec.dtype)[rng.integers(0, spec.sizes[-1], n)]
     return X, T, rng.permutation(n)
+
+
+@contextlib.contextmanager
+def no_hang(seconds=10):
+    """A call that blocks fails with TimeoutError after `seconds` instead of hanging the suite
+    (hypothesis' deadline only measures examples that return)."""
+    def alarm(signum, frame):
+        raise TimeoutError(f"no result after {seconds}s")
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

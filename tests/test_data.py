@@ -1,11 +1,9 @@
 """Data loading, validation, lookup and fetching, all on tiny synthetic files."""
 
-import contextlib
 import functools
 import gzip
 import hashlib
 import os
-import signal
 import http.server
 import struct
 import threading
@@ -19,6 +17,7 @@ from parnn.errors import DataError
 from parnn.data import (Dataset, find_data_dir, load_dataset, load_pair, one_hot, read_csv,
                         read_idx)
 from parnn.download import describe, fetch, verify
+from synthetic_data import no_hang
 
 REAL = Path("/usr/share/datasets/fashion-mnist")
 N_TRAIN, N_TEST = 24, 8
@@ -506,18 +505,6 @@ def test_a_header_larger_than_the_datasets_file_is_refused_before_reading(tmp_pa
                             f"dataset's file holds ({N_TRAIN} bytes)")
 
 
-@contextlib.contextmanager
-def no_hang(seconds=10):
-    """A FIFO opened for a blocking read would wait forever: fail instead."""
-    def alarm(signum, frame):
-        raise TimeoutError(f"no result after {seconds}s")
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def test_a_fifo_among_the_data_files_is_named_not_opened(tmp_path):

@@ -12,7 +12,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import tempfile
 from datetime import timedelta
 from pathlib import Path
@@ -28,7 +27,7 @@ from parnn.run import checkpoint, config, train
 from parnn.data import FASHION_CLASSES, Dataset
 from parnn.errors import DataError, ModelFileError, ParnnError
 from parnn.core.model import MLP, Spec
-from synthetic_data import idx_bytes, write_dataset
+from synthetic_data import idx_bytes, no_hang, write_dataset
 
 # PARNN_FUZZ_EXAMPLES=2000 for a longer campaign; the default keeps the file under ~15 s.
 SCALE = int(os.environ.get("PARNN_FUZZ_EXAMPLES", "60")) / 60
@@ -38,18 +37,6 @@ WORK = Path(tempfile.mkdtemp(prefix="parnn-fuzz-"))
 atexit.register(shutil.rmtree, WORK, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def no_hang(seconds=10):
-    """A hang fails the example (hypothesis' deadline only measures examples that return)."""
-    def alarm(signum, frame):
-        raise TimeoutError(f"no result after {seconds}s")
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @st.composite

@@ -1,9 +1,7 @@
-import contextlib
 import csv
 import hashlib
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -12,6 +10,7 @@ import safetensors.numpy
 from parnn import atomic, io, modelinfo, paths
 from parnn.errors import ModelFileError
 from parnn.core.model import MLP, Spec
+from synthetic_data import no_hang
 
 META = {"train": {"lr": 0.1, "epochs": 3}, "preprocessing": {"scale": "x/255", "input_shape": [28, 28]},
         "dataset_sha256": "ab" * 32, "class_names": ["a", "b", "c"]}
@@ -564,18 +563,6 @@ def test_duplicate_keys_in_the_index_are_refused(tmp_path):
     assert_bad(path, "not a valid safetensors file", "duplicate")
 
 
-@contextlib.contextmanager
-def no_hang(seconds=10):
-    """A FIFO opened for a blocking read would wait forever: fail instead."""
-    def alarm(signum, frame):
-        raise TimeoutError(f"no result after {seconds}s")
-    old = signal.signal(signal.SIGALRM, alarm)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, old)
 
 
 def test_special_files_are_refused_without_blocking(tmp_path):
