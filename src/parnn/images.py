@@ -28,34 +28,70 @@ NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
 
 
-def load_images(paths, n_in=SIDE * SIDE, dtype="float32", invert="auto"):
-    """(len(paths), n_in) array for a model whose input is n_in pixels."""
-    side = int(round(n_in ** 0.5))
+def _side(n_in):
+    side = math.isqrt(n_in)
     if side * side != n_in:
         raise DataError(f"this model takes {n_in} inputs, not a square image")
+    return side
+
+
+def load_images(paths, n_in=SIDE * SIDE, dtype="float32", invert="auto"):
+    """(len(paths), n_in) array for a model whose input is n_in pixels: one picture per file."""
+    side = _side(n_in)
     return np.stack([_one(Path(p), side, invert) for p in paths]).astype(dtype)
 
 
-def _one(path, side, invert):
+def read_file(path, n_in=SIDE * SIDE, dtype="float32", invert="auto"):
+    """(labels, (n, n_in) array) of one file: a picture, or a .npy of one picture (labelled
+    PATH), or a .npy stack (N, side, side) or (N, n_in) (labelled PATH[i])."""
+    side, path = _side(n_in), Path(path)
+    with _open(path) as f:
+        if path.suffix.lower() == ".npy":
+            images, stacked = _read_npy(path, f, side)
+        else:
+            images, stacked = _read_picture(path, f, side)[None], False
+    labels = [f"{path}[{i}]" for i in range(len(images))] if stacked else [str(path)]
+    shown_labels = [f"{shown(path)}[{i}]" for i in range(len(images))] if stacked \
+        else [shown(path)]
+    X = np.stack([_pixels(label, img, invert) for label, img in zip(shown_labels, images)])
+    return labels, X.astype(dtype, copy=False)
+
+
+def _open(path):
     kind = path_kind(path, DataError)
     if kind in (None, "dir"):
         raise DataError(f"{shown(path)}: no such file" + (" (it is a directory)" if kind else ""))
-    with open_regular(path, DataError, "image file") as f:
+    return open_regular(path, DataError, "image file")
+
+
+def _one(path, side, invert):
+    with _open(path) as f:
         if path.suffix.lower() == ".npy":
-            img = _read_npy(path, f, side)
+            images, _ = _read_npy(path, f, side, stacks=False)
+            img = images[0]
         else:
             img = _read_picture(path, f, side)
+    return _pixels(shown(path), img, invert)
+
+
+def _pixels(label, img, invert):
+    """One (side, side) picture as the network's input: values in [0, 1], light object on dark
+    (inverted when asked, or when its border is light and invert is "auto"), flattened."""
     if not np.isfinite(img).all() or img.min() < 0 or img.max() > 1:
-        raise DataError(f"{shown(path)}: pixel values must be in 0..255 (or 0..1 for .npy)")
+        raise DataError(f"{label}: pixel values must be in 0..255 (or 0..1 for .npy)")
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]]).mean()
     if invert == "yes" or (invert == "auto" and border > 0.5):
         img = 1.0 - img
     return img.reshape(-1)
 
 
-def _read_npy(path, f, side):
-    """A .npy of side*side plain numbers (bool, int, uint, float), scaled to [0, 1] if it looks
-    like 0..255. The header is checked before the data is read; nothing is unpickled."""
+def _read_npy(path, f, side, stacks=True):
+    """(images (N, side, side) float64, stacked): a .npy of side*side plain numbers (bool, int,
+    uint, float) is one picture; with stacks, (N, side, side) or (N, side*side) is N of them.
+    Scaled to [0, 1] if it looks like 0..255. The header is checked before the data, the data's
+    size against the file before it is read; nothing is unpickled."""
+    import os
+
     bad = f"{shown(path)}: not a readable .npy array"
     magic = f.read(len(NPY_MAGIC))
     if magic.startswith(ZIP_MAGIC):
@@ -79,17 +115,22 @@ def _read_npy(path, f, side):
         raise DataError(f"{bad} (complex values, dtype {dtype}: pixels are real numbers)")
     if dtype.kind not in "biuf":
         raise DataError(f"{bad} (dtype {dtype}: parnn needs an array of plain numbers)")
+    n_in = side * side
+    stacked = stacks and len(shape) >= 2 and shape[0] >= 1 and (
+        (len(shape) == 3 and tuple(shape[1:]) == (side, side))
+        or (len(shape) == 2 and shape[1] == n_in and tuple(shape) != (side, side)))
     n = math.prod(shape)
-    if n != side * side:
+    if not stacked and n != n_in:
         raise DataError(f"{shown(path)}: array has {n} values, expected {side}x{side}")
-    data = f.read(n * dtype.itemsize)
-    if len(data) < n * dtype.itemsize:
-        raise DataError(f"{bad} (truncated: {len(data)} of {n * dtype.itemsize} bytes)")
-    img = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
-    img = img.astype(np.float64).reshape(side, side)
-    if img.max() > 1.0:
-        img = img / 255.0
-    return img
+    need = n * dtype.itemsize
+    left = os.fstat(f.fileno()).st_size - f.tell()
+    if left < need:
+        raise DataError(f"{bad} (truncated: {max(left, 0)} of {need} bytes)")
+    a = np.frombuffer(f.read(need), dtype).reshape(shape, order="F" if fortran else "C")
+    a = a.astype(np.float64).reshape(-1, side, side)
+    if a.size and np.isfinite(a).all() and a.max() > 1.0:
+        a = a / 255.0
+    return a, stacked
 
 
 def _read_picture(path, f, side):

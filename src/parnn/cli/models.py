@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from parnn.errors import ConfigError, DataError, ModelFileError
-from parnn.paths import open_regular, path_kind, shown
+from parnn.paths import path_kind, shown
 
 # What `predict DIR` reads from a directory (others are skipped).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy")
@@ -117,6 +117,7 @@ def predict(args, error):
     """One line (or JSON object) per picture; a file that cannot be read gets its own error line
     (error(exception)) and the others are still predicted. Returns the exit status: 1 if any
     file failed."""
+    from parnn.images import read_file
     from parnn.run.api import load, probabilities
 
     if args.top_k < 1:
@@ -130,7 +131,7 @@ def predict(args, error):
             failed += 1
             continue
         try:
-            labels, X = read_pictures(path, model.n_features_in, model.dtype, args.invert)
+            labels, X = read_file(path, model.n_features_in, model.dtype, args.invert)
         except DataError as e:
             error(e)
             failed += 1
@@ -174,72 +175,6 @@ def expand(paths, error):
                             f"({', '.join(IMAGE_SUFFIXES)})"))
             yield None
         yield from found
-
-
-def read_pictures(path, n_in, dtype, invert):
-    """(labels, (n, n_in) array) of one file: a picture or a 28x28 .npy (parnn.images), or a
-    .npy stack (N, 28, 28) or (N, 784), labelled PATH[i]."""
-    from parnn.images import load_images
-
-    stack = _npy_stack_header(path, n_in) if Path(path).suffix.lower() == ".npy" else None
-    if stack is None:
-        return [str(path)], load_images([path], n_in, dtype, invert)
-    X = _read_npy_stack(path, n_in, *stack)
-    for i, img in enumerate(X):
-        X[i] = _as_pixels(f"{shown(path)}[{i}]", img.reshape(-1), invert)
-    return [f"{path}[{i}]" for i in range(len(X))], X.astype(dtype, copy=False)
-
-
-def _npy_stack_header(path, n_in):
-    """(shape, fortran order, dtype) if path is a readable .npy holding a stack of pictures of
-    n_in plain numbers each; None for anything else (parnn.images reads it, or says why not)."""
-    side = math.isqrt(n_in)
-    try:
-        with open_regular(path, DataError, "image file") as f:
-            version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-                    np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read(f)
-    except (DataError, ValueError, OSError, EOFError, SyntaxError, TypeError):
-        return None
-    plain = (not dtype.hasobject and dtype.fields is None and dtype.subdtype is None
-             and dtype.kind in "biuf")
-    stacked = ((len(shape) == 3 and tuple(shape[1:]) == (side, side))
-               or (len(shape) == 2 and shape[1] == n_in and shape != (side, side)))
-    return (shape, fortran, dtype) if plain and stacked and shape[0] >= 1 else None
-
-
-def _read_npy_stack(path, n_in, shape, fortran, dtype):
-    """The stack's values as (N, n_in) float64, its size checked against the file first."""
-    import os
-
-    need = math.prod(shape) * dtype.itemsize
-    with open_regular(path, DataError, "image file") as f:
-        version = np.lib.format.read_magic(f)
-        (np.lib.format.read_array_header_1_0 if version == (1, 0) else
-         np.lib.format.read_array_header_2_0)(f)
-        left = os.fstat(f.fileno()).st_size - f.tell()
-        if left < need:
-            raise DataError(f"{shown(path)}: not a readable .npy array (truncated: {left} of "
-                            f"{need} bytes)")
-        data = f.read(need)
-    a = np.frombuffer(data, dtype).reshape(shape, order="F" if fortran else "C")
-    a = a.astype(np.float64).reshape(shape[0], n_in)
-    if a.size and np.isfinite(a).all() and a.max() > 1.0:   # 0..255 pixels, as parnn.images
-        a /= 255.0
-    return a
-
-
-def _as_pixels(label, img, invert):
-    """One picture of a stack as parnn.images makes one: values in [0, 1], light on dark."""
-    if not np.isfinite(img).all() or img.min() < 0 or img.max() > 1:
-        raise DataError(f"{label}: pixel values must be in 0..255 (or 0..1 for .npy)")
-    side = math.isqrt(len(img))
-    square = img.reshape(side, side)
-    border = np.concatenate([square[0], square[-1], square[:, 0], square[:, -1]]).mean()
-    if invert == "yes" or (invert == "auto" and border > 0.5):
-        img = 1.0 - img
-    return img
 
 
 def print_error(err):
