@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from parnn import data, download
-from parnn.errors import DataError
+from parnn.errors import ConfigError, DataError
 from parnn.data import (Dataset, find_data_dir, load_dataset, load_pair, one_hot, read_csv,
                         read_idx)
 from parnn.download import describe, fetch, verify
@@ -550,3 +550,33 @@ def test_nothing_found_names_the_fetch_for_that_dataset_and_the_data_flag(tmp_pa
                             tmp_path / "xdg-cache" / "parnn" / "mnist")
     assert "parnn data fetch --dataset mnist" in msg and "--data DIR" in msg
     assert "apt-get" not in msg                   # Debian packages Fashion-MNIST only
+
+
+# ---------------------------------------------------------------- uint8, read in chunks
+
+
+def test_load_dataset_as_uint8_is_the_float_data_before_the_division(tmp_path):
+    arrays = write_dataset(tmp_path / "d", gz=True)
+    ds = load_dataset(data_dir=tmp_path / "d", dtype="uint8")
+    assert ds.X_train.dtype == np.uint8 and ds.X_train.shape == (N_TRAIN, 784)
+    assert ds.X_train.flags.c_contiguous
+    np.testing.assert_array_equal(ds.X_train, arrays["train-images"].reshape(N_TRAIN, -1))
+    for dt in ("float32", "float64"):
+        floats = load_dataset(data_dir=tmp_path / "d", dtype=dt)
+        assert (ds.X_train / np.dtype(dt).type(255)).tobytes() == floats.X_train.tobytes()
+    small = load_dataset(data_dir=tmp_path / "d", dtype="uint8", limit_train=5)
+    assert small.X_train.shape == (5, 784) and small.X_train.base is None   # not a view of all
+    with pytest.raises(ConfigError, match="floating type or uint8"):
+        load_dataset(data_dir=tmp_path / "d", dtype="int16")
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_a_file_larger_than_a_read_chunk(tmp_path, gz, monkeypatch):
+    """Data is read a chunk at a time (gzip would otherwise inflate the whole file into a
+    temporary first); the chunks join up, and a short file is still found short."""
+    monkeypatch.setattr(data, "_CHUNK", 1000)
+    arr = np.random.default_rng(2).integers(0, 256, (7, 28, 28), dtype=np.uint8)  # 5.5 chunks
+    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "i", arr, gz)), arr)
+    short = idx_bytes(arr)[:-1500]
+    (tmp_path / "s").write_bytes(gzip.compress(short) if gz else short)
+    assert_data_error(lambda: read_idx(tmp_path / "s"), "s", match="truncated")

@@ -11,9 +11,9 @@ from engine_check import (COMBOS, DATA_DIR, PER_SAMPLE, SIZES, TOL_EPOCH, TOL_ST
                           assert_close_to_numpy, engine, restore_threads, synthetic, train)
 from parnn.core.model import MLP, Spec
 from parnn.core.optim import make_optimizer
-from parnn.engines import make_engine
+from parnn.engines import EpochStats, make_engine
 from parnn.engines.compiled import ACT_CODES, LOSS_CODES
-from parnn.engines.loop import Workspace, blocked_transpose, layer_table, nogil_loop
+from parnn.engines.loop import PATIENCE, Workspace, blocked_transpose, layer_table, nogil_loop
 from parnn.engines.persample import sync_points_per_sample
 from parnn.errors import ConfigError
 
@@ -89,6 +89,34 @@ def test_owner_falls_back_to_serial_bits_when_contended():
         eng.train(net, opt, X, T, part, 1)
     assert eng.serial_chunks >= 2               # more if this machine really is contended
     assert np.array_equal(net.params, ref.params)
+
+
+@pytest.mark.parametrize("sizes", [(30, 40, 24, 6), (12, 5)], ids=str)
+def test_owner_threads_giving_up_part_way_keep_the_serial_bits(sizes):
+    """Threads that give up in the middle of a chunk (patience < 0: after its second sample, as
+    if every barrier had to yield) all leave after the same sample, and the serial loop carries
+    on from there; then the cooldown runs chunks serially, and the threads try again."""
+    spec = Spec(sizes, "tanh", "tanh", "mse", "float64")
+    X, T, order = synthetic(spec, 300)
+    ref, _, _ = train("serial", spec, X, T, order)
+    numba.set_num_threads(2)
+    eng = engine("owner")
+    eng.patience = -1
+    net = MLP(spec, seed=0)
+    opt = make_optimizer("sgd", spec.n_params, spec.dtype, 0.05)
+    total = EpochStats()
+    for part in np.array_split(order, 10):
+        total += eng.train(net, opt, X, T, part, 1)
+    info = eng.info()
+    assert info["gave_up"] >= 2 and info["serial_chunks"] >= 4    # 1 + 4 serial + 1 + 8 ...
+    assert np.array_equal(net.params, ref.params)
+    serial = engine("serial")                   # the same chunks, one serial loop each
+    net = MLP(spec, seed=0)
+    ref_total = EpochStats()
+    for part in np.array_split(order, 10):
+        ref_total += serial.train(net, opt, X, T, part, 1)
+    assert (total.loss_sum, total.correct, total.n) == \
+        (ref_total.loss_sum, ref_total.correct, len(order))
 
 
 def test_chunks_add_up_to_one_call():
@@ -235,7 +263,7 @@ def test_owner_meets_as_often_as_stated(sizes):
     ws = Workspace(lay, dt, na, npart, sizes[0], 1)
     nogil_loop(0, 1, 1, True, net.params, blocked_transpose(net.W[0], 1), lay, X, T, order,
                dt.type(0.05), dt.type(1e-300), ACT_CODES["tanh"], ACT_CODES["softmax"],
-               LOSS_CODES["cross_entropy"], *ws.args(), False, False)
+               LOSS_CODES["cross_entropy"], *ws.args(), False, False, PATIENCE, 0.0)
     assert ws.flags[0] == len(order) * sync_points_per_sample("owner", spec.n_layers)
 
 

@@ -177,7 +177,14 @@ def _read_idx_hashed(path: Path, ndim: int | None = None,
             raise DataError(f"{shown(path)}: truncated: {says} but {size} bytes of gzip data "
                             "cannot hold that much")
         array = np.empty(dims, np.uint8)
-        found = read_fully(stream, array.reshape(-1))
+        # A chunk at a time: gzip inflates a read request into a temporary bytes object of the
+        # request's size before copying it, which for the whole file doubles the peak.
+        flat, found = array.reshape(-1), 0
+        for start in range(0, expected, _CHUNK):
+            n = read_fully(stream, flat[start:start + _CHUNK])
+            found += n
+            if n < len(flat[start:start + _CHUNK]):
+                break
         if found < expected:
             raise DataError(f"{shown(path)}: truncated: {says} but found {found}")
         if gz and stream.read(1):  # also reads the gzip trailer, so its CRC is checked
@@ -377,7 +384,7 @@ def find_data_dir(dataset: str = "fashion-mnist", data_dir: str | os.PathLike | 
 
 @dataclass
 class Dataset:
-    X_train: np.ndarray  # (n, 784) floats in [0, 1], C-contiguous
+    X_train: np.ndarray  # (n, 784) floats in [0, 1], or uint8 0..255 as stored; C-contiguous
     y_train: np.ndarray  # (n,) int64
     X_test: np.ndarray
     y_test: np.ndarray
@@ -397,6 +404,10 @@ class Dataset:
 
 
 def _to_float(images: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype == np.uint8:   # as stored: flattened, and copied only if a limit cut it short
+        flat = images.reshape(len(images), -1)   # (a view of the whole file's array)
+        whole = flat.base if flat.base is not None else flat
+        return flat if whole.size == flat.size else flat.copy()
     out = np.empty((len(images), 28 * 28), dtype=dtype)
     # uint8 / float32-scalar computes in float32 (NEP 50): one pass, no float64 temporary.
     np.divide(images.reshape(len(images), -1), dtype.type(255), out=out)
@@ -425,17 +436,22 @@ def one_hot(y: np.ndarray, n_classes: int = 10, dtype="float32") -> np.ndarray:
 def load_dataset(name: str = "fashion-mnist", data_dir: str | os.PathLike | None = None,
                  dtype="float32", limit_train: int | None = None,
                  limit_test: int | None = None) -> Dataset:
-    """Find and load a dataset; limit_* keep the first n samples of each split."""
+    """Find and load a dataset; limit_* keep the first n samples of each split.
+
+    dtype: the images as floats x / 255 in [0, 1] of that type, or "uint8": as stored, 0..255
+    (a quarter of float32's memory; the engines and parnn.engines.scaled divide by 255 as
+    they read, with the same bits)."""
     spec = _dataset_spec(name)
     dt = np.dtype(dtype)
-    if dt.kind != "f":
-        raise ConfigError(f"dtype must be a floating type, got {dt}")
+    if dt.kind != "f" and dt != np.uint8:
+        raise ConfigError(f"dtype must be a floating type or uint8, got {dt}")
     limit_train, limit_test = _limit(limit_train, "limit_train"), _limit(limit_test, "limit_test")
     source = find_data_dir(name, data_dir)
     files = _dataset_files(source, name)
     sha: dict[str, str] = {}
     # Each split becomes floats as soon as it is read, and its raw bytes are dropped before the
-    # next file is read: the peak is the float training set plus one raw file, not all of them.
+    # next file is read: the peak is the float training set plus one raw file, not all of them
+    # (with uint8 the raw bytes are kept: the peak is the files' images).
     # No file is read past the size the dataset's file has (a gzip bomb stops there).
     splits = []
     for csv_split, prefix, limit in (("train", "train", limit_train), ("test", "t10k", limit_test)):

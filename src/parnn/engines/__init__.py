@@ -7,10 +7,13 @@ network's flat parameter buffer, over a given sample order:
     engine.check(spec, optimizer, batch_size)      None, or ConfigError saying why not
     engine.train(net, opt, X, T, order, batch_size) -> EpochStats   over `order` only
     engine.info()                                  dict for the run's history (engine name, ...)
+    engine.takes_pixels                            optional, True: train accepts uint8 X
 
-X is (n, n_in) and T the (n, n_out) targets, both in the network's dtype; `order` is the part of
-the epoch's shuffled sample order to train on now (the training loop hands over an epoch in
-chunks of whole batches, so it can show progress and checkpoint in between).
+X is (n, n_in) in the network's dtype or, for an engine whose takes_pixels is True, uint8 pixels
+as the dataset stores them (meaning X / 255, see `scaled`); T the (n, n_out) targets in the
+network's dtype; `order` the part of the epoch's shuffled sample order to train on now (the
+training loop hands over an epoch in chunks of whole batches, so it can show progress and
+checkpoint in between).
 
 Engines import parnn.core only (and each other's compiled helpers).
 """
@@ -60,11 +63,34 @@ class Engine(Protocol):
     def info(self) -> dict: ...
 
 
-def contiguous_inputs(net, X, T, order):
-    """X, T in the network's dtype and the order as int64, all contiguous, checked to fit the
-    network: the compiled engines index them without bounds checks."""
+# uint8 inputs are pixels 0..255 that mean X / PIXEL_MAX: the training set stays as stored (a
+# quarter of float32's memory, an eighth of float64's) and each engine scales what it reads.
+PIXEL_MAX = 255
+
+
+def scaled(X, dtype, out=None):
+    """X (rows of inputs) in dtype: uint8 pixels divided by 255 in dtype, as parnn.data used to
+    store them (so the bits are the same), floats converted (no copy if already dtype)."""
+    dtype = np.dtype(dtype)
+    if X.dtype == np.uint8:
+        # uint8 / a dtype scalar computes in dtype (NEP 50): one pass, no float64 temporary
+        return np.divide(X, dtype.type(PIXEL_MAX), out=out,
+                         dtype=dtype if out is None else None)
+    if out is None:
+        return X.astype(dtype, copy=False)
+    out[...] = X
+    return out
+
+
+def contiguous_inputs(net, X, T, order, pixels=False):
+    """X, T and the order as int64, all contiguous, checked to fit the network: the compiled
+    engines index them without bounds checks. T comes in the network's dtype; so does X, except
+    that uint8 X stays uint8 if the engine scales its pixels itself (pixels=True); for the
+    others it becomes a scaled float copy here."""
     spec, dt = net.spec, net.params.dtype
-    X = np.ascontiguousarray(X, dt)
+    X = np.asarray(X)
+    X = np.ascontiguousarray(X) if pixels and X.dtype == np.uint8 else \
+        np.ascontiguousarray(scaled(X, dt))
     T = np.ascontiguousarray(T, dt)
     order = np.ascontiguousarray(order, np.int64)
     if X.ndim != 2 or X.shape[1] != spec.sizes[0] or T.shape != (len(X), spec.sizes[-1]):

@@ -4,6 +4,7 @@
     barrier                          the owner engine's spin barrier
     ACT_CODES, LOSS_CODES, act/dact  activations as integer codes, forward and derivative
     output_delta                     the output layer of ONE sample: activation, loss, delta, hit
+    load_input, pixel_table          one input row into a float buffer (uint8 pixels scaled)
     clock/lap, cycles_per_second     the optional phase timing of the sample loop
 
 Kernels take activation and loss as integer codes and work in float32 or float64 (the arrays'
@@ -18,7 +19,7 @@ import numpy as np
 from llvmlite import ir
 from numba import njit, types
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
 TANH, SIGMOID, RELU, SOFTMAX = 0, 1, 2, 3
 MSE, CROSS_ENTROPY = 0, 1
@@ -214,6 +215,34 @@ def output_delta(z, t, out_code, loss_code, tiny, p, d):
         if t[j] > t[bt]:
             bt = j
     return np.float64(loss), bp == bt
+
+
+# --- one input row: the training set may be uint8 pixels, meaning x / 255 ----------------------
+
+def pixel_table(dtype):
+    """The 256 values u / 255 in dtype, each as `uint8 array / dtype(255)` computes it: looking a
+    pixel up gives the same bits as dividing it, without a division per pixel."""
+    dtype = np.dtype(dtype)
+    return np.divide(np.arange(256, dtype=np.uint8), dtype.type(255), dtype=dtype)
+
+
+def load_input(row, table, x):
+    """x[:] = the input row as floats: table[row] for uint8 pixels, else the row as it is."""
+    raise NotImplementedError("compiled only (numba overload below)")
+
+
+@overload(load_input, inline="always")
+def _load_input(row, table, x):
+    if isinstance(row.dtype, types.Integer):
+        def pixels(row, table, x):
+            for k in range(x.shape[0]):
+                x[k] = table[row[k]]
+        return pixels
+
+    def floats(row, table, x):
+        for k in range(x.shape[0]):
+            x[k] = row[k]
+    return floats
 
 
 # --- phase timing: off by default, then only a branch ----------------------------------------

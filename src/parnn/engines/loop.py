@@ -22,6 +22,13 @@ so the participants meet 2L-1 times per sample (owner 2 times without a hidden l
 thread must have read the output before the next sample overwrites it). Each call adds one
 step at the end: the last sample's input-layer update.
 
+Giving up (owner): spin barriers need a core per thread. When another process takes one, a
+barrier waits for a time slice and the threads run slower than one thread alone. Participant 0
+counts the barriers where it had to give its core away; once they are more than one per
+SLOW_LIMIT samples (after `patience` samples' grace) it raises the stop word before the
+sample's last barrier, so every participant sees it after that barrier and leaves after the
+same sample. The caller carries on from there with the serial build: the same bits.
+
 Phase timing (profile=True): each participant adds the cycle counter's ticks over its steps to
 forward / output / backward (the final update counts as backward) and over its barriers to
 wait. In the parallel build the caller times each region, so fork/join and load imbalance sit
@@ -35,13 +42,18 @@ import types
 import numpy as np
 from numba import njit, prange
 
-from parnn.engines.compiled import FLAG, NONE, barrier, clock, lap, output_delta
+from parnn.engines.compiled import (FLAG, NONE, atomic_load, atomic_store, barrier, clock, lap,
+                                    load_input, output_delta, pixel_table)
 from parnn.engines.rows import (JB, combine_errors, input_forward, input_rows, input_update,
                                 input_update_forward, rows_error_update, rows_forward)
 
 PHASES = ("forward", "output", "backward", "wait")
 FORWARD, OUTPUT, BACKWARD, WAIT = range(4)
 PAD = 16    # buffers start on multiples of 16 elements: no two threads' slices share a cache line
+# owner gives up on its threads when more than one barrier per SLOW_LIMIT samples had to yield
+# the core (after PATIENCE samples' grace): the machine has no free core for them
+SLOW_LIMIT = 100
+PATIENCE = 100
 
 
 # --- the layer table and the participants' slices ---------------------------------------------
@@ -98,29 +110,39 @@ def input_deltas(L, P1, a0, hid, d0, G, lr, lo, hi):
 # --- the sample loop, written once ------------------------------------------------------------
 
 def sample_loop(c0, c1, nt, spin, params, WTb, lay, X, T, order, lr, tiny, hid, out, loss_code,
-                A, D, G, P, Po, Do, Rows, flags, prof, dense, profile):
+                A, D, G, P, Po, Do, Rows, Xr, table, flags, prof, dense, profile, patience,
+                loss0):
     """SGD over `order`, one sample at a time: participant c0's share (see the top).
 
-    Returns (loss_sum, correct, slow): participant 0 counts the samples; slow = how many of its
-    barriers had to give the core away, after the first sample (which waits for the threads to
-    start). Shared: the weights (params; W0 as WTb, one transposed block per slice), every
-    layer's activations A and deltas D, the scaled input-layer deltas G, the error blocks P.
+    Returns (loss_sum, correct, slow, done): participant 0 counts the samples; slow = how many
+    of its barriers had to give the core away, after the first sample (which waits for the
+    threads to start); done = the samples of `order` trained (fewer if the participants gave up,
+    see the top; patience: the grace in samples, or < 0 to give up after the second sample).
+    loss0 is the sum the losses are added to: carrying on after the threads gave up, the serial
+    loop goes on with their sum, so it is the sum one loop would have made.
+
+    Shared: the weights (params; W0 as WTb, one transposed block per slice), every layer's
+    activations A and deltas D, the scaled input-layer deltas G, the error blocks P.
     Private, indexed by participant: the output layer's activations Po and deltas Do, the list
-    of nonzero inputs Rows, the phase cycles prof."""
+    of nonzero inputs Rows, the phase cycles prof, and Xr: this sample's input row and the
+    previous one's, in the network's dtype (X itself may be uint8 pixels: table[u] = u / 255)."""
     L = lay.shape[0]
     first = L - L                                   # layer 0 (a variable, not a literal 0)
     n1 = lay[first, 3]
     b0 = layer(params, lay, first)[1]
     a0 = out_buf(A, lay, first)
-    po, do, rows, rec = Po[c0], Do[c0], Rows[c0], prof[c0]
+    po, do, rows, rec, xr = Po[c0], Do[c0], Rows[c0], prof[c0], Xr[c0]
+    n_in = X.shape[1]
     d0 = out_buf(D, lay, first) if L > 1 else do
     P1 = p_buf(P, lay, min(1, L - 1))               # layer 1's error blocks (if there is one)
     code0 = hid if L > 1 else NONE
-    loss_sum, correct, slow = 0.0, 0, 0
+    loss_sum, correct, slow, done = loss0, 0, 0, order.shape[0]
+    stop = nt * FLAG                                # the stop word, after the barrier flags
     t = clock(profile)
     for s in range(order.shape[0]):
-        x = X[order[s]]
-        xp = X[order[s - 1]] if s > 0 else x
+        x = xr[s % 2, :n_in]                        # the rows alternate: xp is loaded already
+        xp = xr[(s - 1) % 2, :n_in] if s > 0 else x
+        load_input(X[order[s]], table, x)
         # forward, layer 0: one pass over W0 that first finishes the previous sample
         nr = input_rows(x, xp, dense, rows)
         for c in prange(c0, c1):
@@ -151,6 +173,8 @@ def sample_loop(c0, c1, nt, spin, params, WTb, lay, X, T, order, lr, tiny, hid, 
         if c0 == 0:
             loss_sum += loss
             correct += hit
+            if spin and s > 0 and (slow * SLOW_LIMIT > s + patience or patience < 0):
+                atomic_store(flags, stop, 1)        # seen by all after this sample's last barrier
         t = lap(profile, rec, OUTPUT, t)
         if L == 1:              # everyone has read the output before the next sample writes it
             slow += meet(spin, flags, c0, nt)
@@ -171,15 +195,18 @@ def sample_loop(c0, c1, nt, spin, params, WTb, lay, X, T, order, lr, tiny, hid, 
             t = lap(profile and spin, rec, WAIT, t)
         if s == 0:
             slow = 0
-    if order.shape[0] > 0:                          # the last sample's input-layer update
-        xp = X[order[-1]]
+        if spin and atomic_load(flags, stop) != 0:
+            done = s + 1
+            break
+    if done > 0:                                    # the last sample's input-layer update
+        xp = xr[(done - 1) % 2, :n_in]
         nr = input_rows(xp, xp, dense, rows)
         for c in prange(c0, c1):
             lo, hi, _, _ = span(c, nt, n1)
             input_deltas(L, P1, a0, hid, d0, G, lr, lo, hi)
             input_update(WTb[c], b0[lo:hi], G[lo:hi], xp, rows, nr)
         t = lap(profile, rec, BACKWARD, t)
-    return loss_sum, correct, slow
+    return loss_sum, correct, slow, done
 
 
 def _build(name, **flags):
@@ -247,8 +274,8 @@ def unblock(WTb, W0):
 class Workspace:
     """What the sample loop writes besides the weights, allocated once per call. Shared:
     activations A and deltas D (one slot per layer), scaled input-layer deltas G, error blocks
-    P, the barrier flags. Private, one row per participant: output activations Po and deltas
-    Do, nonzero-input lists Rows, phase cycles prof."""
+    P, the barrier flags, the pixel table. Private, one row per participant: output activations
+    Po and deltas Do, nonzero-input lists Rows, two input rows Xr, phase cycles prof."""
 
     def __init__(self, lay, dtype, na, npart, n_in, participants):
         self.A, self.D = _aligned(na, dtype), _aligned(na, dtype)
@@ -257,11 +284,14 @@ class Workspace:
         self.Po = _rows_aligned(participants, int(lay[-1, 3]), dtype)
         self.Do = _rows_aligned(participants, int(lay[-1, 3]), dtype)
         self.Rows = _rows_aligned(participants, n_in, np.int64)
-        self.flags = _aligned(participants * FLAG, np.int64)
+        self.Xr = _rows_aligned(participants * 2, n_in, dtype).reshape(participants, 2, -1)
+        self.table = pixel_table(dtype)
+        self.flags = _aligned((participants + 1) * FLAG, np.int64)   # + the stop word
         self.prof = _rows_aligned(participants, len(PHASES), np.int64)
 
     def args(self):
-        return self.A, self.D, self.G, self.P, self.Po, self.Do, self.Rows, self.flags, self.prof
+        return (self.A, self.D, self.G, self.P, self.Po, self.Do, self.Rows, self.Xr, self.table,
+                self.flags, self.prof)
 
     def cycles(self):
         return self.prof[:, :len(PHASES)]

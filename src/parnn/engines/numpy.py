@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from parnn.core.losses import n_correct
-from parnn.engines import EpochStats
+from parnn.engines import EpochStats, scaled
 
 
 class NumpyEngine:
@@ -19,6 +19,7 @@ class NumpyEngine:
     batch engine."""
 
     name = "numpy"
+    takes_pixels = True     # uint8 X (x / 255) is scaled a batch at a time
 
     def __init__(self, augment=None, dropout=None):
         self.augment = augment
@@ -40,8 +41,9 @@ class NumpyEngine:
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
             Tb = T[idx]
-            Xb = X[idx] if self.augment is None else \
-                self.augment.fill(X, idx, np.empty((len(idx), X.shape[1]), X.dtype), epoch)
+            # X may be uint8 pixels (x / 255): scaled a batch at a time, never as a whole
+            Xb = scaled(X[idx], net.dtype) if self.augment is None else \
+                self.augment.fill(X, idx, np.empty((len(idx), X.shape[1]), net.dtype), epoch)
             if tnet is not net:
                 draw_masks(tnet, epoch, idx)
             acts = tnet.forward(Xb)

@@ -45,8 +45,8 @@ import numpy as np
 
 from parnn.engines import EpochStats, contiguous_inputs
 from parnn.engines.compiled import ACT_CODES, LOSS_CODES, cycles_per_second
-from parnn.engines.loop import (PHASES, Workspace, blocked_transpose, layer_table, nogil_loop,
-                                prange_loop, unblock)
+from parnn.engines.loop import (PATIENCE, PHASES, SLOW_LIMIT, Workspace, blocked_transpose,
+                                layer_table, nogil_loop, prange_loop, unblock)
 from parnn.errors import ConfigError
 
 
@@ -68,9 +68,14 @@ def optimizer_name(optimizer):
 
 class PerSampleEngine:
     """The Python side shared by the per-sample engines: checks, the W0 transpose in and out,
-    compile time, stats, phase cycles. Subclasses define kernel(run, workspace, order)."""
+    compile time, stats, phase cycles. Subclasses define kernel(run, workspace, order):
+    run(loop, c0, c1, nt, spin, order, ws, blocks=None, loss0=0.0) calls the loop on W0^T cut
+    into `blocks` (default: as self.blocks() cut it), re-cutting it if the last call had another
+    cut; loss0: the loss sum to carry on."""
 
     threads_by = "none"               # how the engine runs threads (reported by info())
+    patience = PATIENCE               # owner: samples of grace before its threads give up
+    takes_pixels = True               # uint8 X (x / 255): each participant scales its row
 
     def __init__(self, dense=False, profile=False):
         # dense: visit every W0 row even when its input is 0 (the benchmark's like-for-like
@@ -95,6 +100,9 @@ class PerSampleEngine:
         if spec.output not in ACT_CODES:
             raise ConfigError(f"engine {self.name} has no {spec.output} output layer: use "
                               "--engine batch (or numpy)")
+        if spec.arch:
+            raise ConfigError(f"engine {self.name} trains dense layers sample by sample, not the "
+                              f"layer list {spec.arch}: use --engine batch (or numpy)")
 
     def info(self):
         d = {"engine": self.name, "threads_by": self.threads_by, "compile_s": dict(self.compile_s)}
@@ -106,9 +114,9 @@ class PerSampleEngine:
         spec = net.spec
         self.check(spec, opt, batch_size)
         dt = net.params.dtype
-        X, T, order = contiguous_inputs(net, X, T, order)
-        if dt.name not in self.compile_s:
-            self.warm_up(spec, dt)
+        X, T, order = contiguous_inputs(net, X, T, order, pixels=True)   # uint8 stays uint8
+        if _key(dt, X.dtype) not in self.compile_s:
+            self.warm_up(spec, dt, X.dtype)
         loss_sum, correct, cycles = self._run(net.params, net.W[0], spec, X, T, order, opt.lr,
                                               self.profile)
         if self.profile:
@@ -138,11 +146,14 @@ class PerSampleEngine:
         lay, na, npart = layer_table(spec)
         consts = (dt.type(lr), dt.type(np.finfo(dt).tiny), ACT_CODES[spec.hidden],
                   ACT_CODES[spec.output], LOSS_CODES[spec.loss])
-        WTb = blocked_transpose(W0, self.blocks())    # W0 as the row kernels want it
+        cut = [blocked_transpose(W0, self.blocks())]  # W0 as the row kernels want it
 
-        def run(loop, c0, c1, nt, spin, order, ws):
-            return loop(c0, c1, nt, spin, params, WTb, lay, X, T, order, *consts, *ws.args(),
-                        self.dense, profile)
+        def run(loop, c0, c1, nt, spin, order, ws, blocks=None, loss0=0.0):
+            if blocks is not None and blocks != cut[0].shape[0]:
+                unblock(cut[0], W0)
+                cut[0] = blocked_transpose(W0, blocks)
+            return loop(c0, c1, nt, spin, params, cut[0], lay, X, T, order, *consts, *ws.args(),
+                        self.dense, profile, self.patience, loss0)
 
         def workspace(participants):
             return Workspace(lay, dt, na, npart, X.shape[1], participants)
@@ -150,26 +161,28 @@ class PerSampleEngine:
         try:
             return self.kernel(run, workspace, order)
         finally:
-            unblock(WTb, W0)                          # the flat buffer holds the result
+            unblock(cut[0], W0)                       # the flat buffer holds the result
 
-    def warm_up(self, spec, dt):
-        """Compile (or load from Numba's cache) on a tiny network; record the time it took."""
+    def warm_up(self, spec, dt, inputs=None):
+        """Compile (or load from Numba's cache) on a tiny network, for inputs X of dtype inputs
+        (default dt; or uint8 pixels); record the time it took."""
         from parnn.core.model import MLP, Spec
         tiny = Spec((3, 2, 2), spec.hidden, spec.output, spec.loss, dt.name)
         net = MLP(tiny, seed=0)
-        X = np.zeros((2, 3), dt)
+        X = np.zeros((2, 3), dt if inputs is None else inputs)
         T = np.eye(2, dtype=dt)
         t0 = time.perf_counter()
         self._run(net.params, net.W[0], tiny, X, T, np.arange(2), 0.0, False)
-        self.compile_s[dt.name] = round(time.perf_counter() - t0, 3)
+        self.compile_s[_key(dt, X.dtype)] = round(time.perf_counter() - t0, 3)
 
     def blocks(self):
         """How many blocks W0^T is cut into (one per participant slice)."""
         return 1
 
-    def serial(self, run, workspace, order):
+    def serial(self, run, workspace, order, loss0=0.0):
         ws = workspace(1)
-        loss_sum, correct, _ = run(nogil_loop, 0, 1, 1, False, order, ws)
+        loss_sum, correct, _, _ = run(nogil_loop, 0, 1, 1, False, order, ws, blocks=1,
+                                      loss0=loss0)
         return loss_sum, correct, ws.cycles()
 
 
@@ -194,7 +207,7 @@ class NeuronEngine(PerSampleEngine):
     def kernel(self, run, workspace, order):
         nt = numba.get_num_threads()
         ws = workspace(1)                               # the caller is the one participant
-        loss_sum, correct, _ = run(prange_loop, 0, nt, nt, False, order, ws)
+        loss_sum, correct, _, _ = run(prange_loop, 0, nt, nt, False, order, ws)
         return loss_sum, correct, ws.cycles()
 
 
@@ -220,26 +233,31 @@ class OwnerEngine(PerSampleEngine):
     name = "owner"
     threads_by = "python threads running nogil kernels"
     # The barriers need every thread on its own core: when another process takes a core, each
-    # barrier waits for a time slice. So if more than one barrier per SLOW_LIMIT samples of a
-    # chunk had to yield the core, the next COOLDOWN chunks run serially (the same bits), then
-    # the threads try again.
-    SLOW_LIMIT = 100
+    # barrier waits for a time slice. So the threads give up within a chunk once more than one
+    # barrier per SLOW_LIMIT samples had to yield the core (loop.py), and the rest of the chunk
+    # and the next COOLDOWN chunks run serially (the same bits); then the threads try again.
+    # Each retry that fails again doubles the cooldown, up to MAX_COOLDOWN chunks.
     COOLDOWN = 4
+    MAX_COOLDOWN = 32
 
     def __init__(self, dense=False, profile=False):
         super().__init__(dense, profile)
         self._cooldown = 0
+        self._next_cooldown = self.COOLDOWN
         self.contended_chunks = 0     # chunks whose barriers kept yielding
         self.serial_chunks = 0        # chunks run serially because of that
+        self.gave_up = 0              # chunks whose threads gave up part way (then serial)
 
     def blocks(self):
         return 1 if self._cooldown > 0 else numba.get_num_threads()
 
-    def warm_up(self, spec, dt):
+    def warm_up(self, spec, dt, inputs=None):
         # the warm-up's barriers (threads starting, two samples) say nothing about contention
-        state = self._cooldown, self.contended_chunks, self.serial_chunks
-        super().warm_up(spec, dt)
-        self._cooldown, self.contended_chunks, self.serial_chunks = state
+        state = (self._cooldown, self._next_cooldown, self.contended_chunks, self.serial_chunks,
+                 self.gave_up)
+        super().warm_up(spec, dt, inputs)
+        (self._cooldown, self._next_cooldown, self.contended_chunks, self.serial_chunks,
+         self.gave_up) = state
 
     def kernel(self, run, workspace, order):
         if self._cooldown > 0:                 # blocks() gave serial's one-block layout
@@ -249,14 +267,25 @@ class OwnerEngine(PerSampleEngine):
         nt = numba.get_num_threads()
         ws = workspace(nt)
         results = run_threads(nt, lambda t: run(nogil_loop, t, t + 1, nt, True, order, ws))
-        if sum(r[2] for r in results) * self.SLOW_LIMIT > len(order):
+        loss_sum, correct, _, done = results[0]                  # thread 0 counts
+        cycles = ws.cycles().copy()
+        if done < len(order) or sum(r[2] for r in results) * SLOW_LIMIT > len(order):
             self.contended_chunks += 1
-            self._cooldown = self.COOLDOWN
-        return results[0][0], results[0][1], ws.cycles()          # thread 0 counts
+            self._cooldown = self._next_cooldown
+            self._next_cooldown = min(2 * self._next_cooldown, self.MAX_COOLDOWN)
+        else:
+            self._next_cooldown = self.COOLDOWN
+        if done < len(order):                  # the threads gave up: the rest on one thread
+            self.gave_up += 1
+            loss_sum, rest_correct, rest_cycles = self.serial(run, workspace, order[done:],
+                                                              loss0=loss_sum)
+            correct += rest_correct
+            cycles[0] += rest_cycles[0]
+        return loss_sum, correct, cycles
 
     def info(self):
         return {**super().info(), "contended_chunks": self.contended_chunks,
-                "serial_chunks": self.serial_chunks}
+                "serial_chunks": self.serial_chunks, "gave_up": self.gave_up}
 
 
 def run_threads(nt, work):
@@ -279,6 +308,11 @@ def run_threads(nt, work):
     if errors:
         raise errors[0]
     return results
+
+
+def _key(dt, inputs):
+    """compile_s's key: the dtype, and the inputs' if they are not in it (uint8 pixels)."""
+    return dt.name if inputs == dt else f"{dt.name}, {np.dtype(inputs).name} inputs"
 
 
 def _threading_layer():

@@ -18,13 +18,16 @@ INPUTS = ("pixels", "features")
 _SPLIT_STREAM = 104729
 
 
-def check_inputs(X, n_features=None, dtype="float32", inputs="pixels", what="X"):
+def check_inputs(X, n_features=None, dtype="float32", inputs="pixels", what="X",
+                 keep_uint8=False):
     """X as a C-contiguous (n, n_features) array of dtype, or ValueError.
 
     Accepted: (n, n_features), and (n, 28, 28) images when n_features is 784 (or not fixed yet:
     training), flattened row by row. inputs="pixels": values in [0, 1]; uint8 is scaled by
     1/255; floats above 1 (0..255 pixels) or below 0 are refused. inputs="features": any
     finite numbers. NaN and infinity are always refused.
+    keep_uint8: uint8 pixels are returned as they are (uint8, meaning x / 255), not as a float
+    copy: for callers that scale them as they read them (training, predicting in chunks).
     """
     if inputs not in INPUTS:
         raise ValueError(f"inputs must be one of {', '.join(INPUTS)}, got {inputs!r}")
@@ -49,6 +52,8 @@ def check_inputs(X, n_features=None, dtype="float32", inputs="pixels", what="X")
                          "feature")
     dtype = np.dtype(dtype)
     if X.dtype == np.uint8 and inputs == "pixels":
+        if keep_uint8:
+            return np.ascontiguousarray(X)
         out = np.empty(X.shape, dtype)
         np.divide(X, dtype.type(255), out=out)   # as parnn.data reads pixel files
         return out

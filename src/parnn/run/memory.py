@@ -17,8 +17,10 @@ from parnn.errors import ConfigError
 OPTIMIZER_STATE = {"sgd": 0, "momentum": 1, "adam": 2}
 # Python, NumPy, Numba, BLAS, matplotlib and parnn themselves, rounded up (docs/ROBUSTNESS.md).
 BASE = 150 * 2**20
-# Rows of the test and validation sets scored at a time (run/train.py's score()).
-SCORE_ROWS = 4096
+# Rows of the test and validation sets scored at a time (run/train.py's score()): 1024 rows of
+# float64 inputs and activations of the paper's net are 10 MB, 4096 were 40 MB, most of what a
+# per-sample run took beside its uint8 data (docs/ROBUSTNESS.md).
+SCORE_ROWS = 1024
 
 
 def estimate(cfg, spec, n_train, n_test=0, data_loaded=False):
@@ -43,9 +45,11 @@ def estimate(cfg, spec, n_train, n_test=0, data_loaded=False):
         "activations": max(batch * 2, SCORE_ROWS) * width * item,
     }
     if not data_loaded:   # a process still to start, its data still to read
-        # the float arrays, the one-hot targets, and the raw bytes of the file being converted
-        parts["dataset"] = ((n_train + n_test) * n_in * item + n_train * n_out * item
-                            + n_train * n_in)
+        # the images as stored (uint8), a float copy of the training images (for an engine
+        # that does not scale pixels as it reads them; or the data loaded as floats), and the
+        # one-hot targets
+        parts["dataset"] = ((n_train + n_test) * n_in + n_train * n_in * item
+                            + n_train * n_out * item)
         parts["interpreter and libraries"] = BASE
     else:                  # in this process: the one-hot targets are still to be made
         parts["targets"] = n_train * n_out * item

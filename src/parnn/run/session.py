@@ -60,7 +60,8 @@ def start(cfg, opts, log=print, warn=None):
     refuse_replacing(out, ckdir, opts.overwrite)
     dataset = opts.dataset or "fashion-mnist"
     check_plan(cfg, dataset, opts.limit_train, opts.limit_test)
-    ds = load_dataset(dataset, opts.data, cfg.dtype, opts.limit_train, opts.limit_test)
+    # The images as stored (uint8): the engines scale them a batch or a sample at a time.
+    ds = load_dataset(dataset, opts.data, "uint8", opts.limit_train, opts.limit_test)
     with rundir.hold(out, "--out"), _hold_also(ckdir, out, "--checkpoint-dir"):
         refuse_replacing(out, ckdir, opts.overwrite)   # again: another run may have finished
         if opts.overwrite:   # never mix two runs' checkpoints (a fallback would resume the old)
@@ -85,7 +86,7 @@ def resume(directory, opts, settings, warn=None, log=print):
     rundir.refuse_in_use(out, "--out")
     rundir.refuse_in_use(ck.path.parent, "--resume")
     check_plan(capped_threads(cfg), record.dataset, record.limit_train, record.limit_test)
-    ds = recorded_data(record, opts.data, cfg.dtype)   # the data may have moved (--data)
+    ds = recorded_data(record, opts.data, "uint8")   # the data may have moved (--data)
     ckdir = ck.path.parent
     with rundir.hold(out, "--out"), _hold_also(ckdir, out, "--resume"):
         # Read again under the lock: another run may have carried it on meanwhile.

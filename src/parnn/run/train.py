@@ -22,9 +22,10 @@ from parnn import __version__
 from parnn.core.losses import smooth_labels
 from parnn.core.model import MLP
 from parnn.core.optim import make_optimizer
-from parnn.engines import EpochStats
+from parnn.engines import EpochStats, scaled
 from parnn.errors import ConfigError, DivergenceError
 from parnn.run.config import TrainConfig, batch_size_for, lr_at, pick_engine
+from parnn.run.memory import SCORE_ROWS
 
 
 # --- threads ---------------------------------------------------------------------------------
@@ -94,13 +95,14 @@ class Subset:
             yield self.X[which], self.y[which]
 
 
-def score(net, subset, batch=4096):
-    """(mean loss, accuracy) of net on a Subset; the loss is the one it trains on."""
+def score(net, subset, batch=SCORE_ROWS):
+    """(mean loss, accuracy) of net on a Subset; the loss is the one it trains on. A chunk of
+    rows at a time: its float inputs and activations are all the memory scoring takes."""
     from parnn.data import one_hot
 
     loss_sum, correct, n_out = 0.0, 0, net.spec.sizes[-1]
     for X, y in subset.chunks(batch):
-        p = net.forward(X.astype(net.dtype, copy=False))[-1]
+        p = net.forward(scaled(X, net.dtype))[-1]      # uint8 pixels: x / 255, a chunk at a time
         loss_sum += net.loss.value(p, one_hot(y, n_out, net.dtype))
         correct += int(np.count_nonzero(p.argmax(axis=1) == y))
     return loss_sum / len(subset), correct / len(subset)
@@ -151,7 +153,11 @@ def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, re
             raise ConfigError(f"{name} {getattr(cfg, name)}: the engine {engine.name} given was "
                               f"made without it (make it with run.config.engine_options)")
     net = MLP(spec, init=cfg.init, seed=cfg.seed)
-    X = np.ascontiguousarray(data.X_train, dtype=spec.dtype)
+    # uint8 pixels stay uint8 for engines that scale what they read (takes_pixels): a quarter
+    # of float32's memory; the others get them scaled once, here.
+    pixels = data.X_train.dtype == np.uint8 and getattr(engine, "takes_pixels", False)
+    X = np.ascontiguousarray(data.X_train) if pixels else \
+        np.ascontiguousarray(scaled(data.X_train, spec.dtype))
     T = one_hot(data.y_train, spec.sizes[-1], spec.dtype)
     if cfg.label_smoothing:   # every engine then trains on the smoothed loss (core/losses.py)
         T = smooth_labels(T, cfg.label_smoothing, out=T)
@@ -177,7 +183,8 @@ def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, re
         else contextlib.nullcontext()
     # Overflow is reported as one DivergenceError after the chunk, not as NumPy warnings.
     with limits, watching, np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        log(f"parnn {__version__}: {spec.sizes} {spec.hidden}/{spec.output} {spec.loss} "
+        log(f"parnn {__version__}: {spec.shape_text() if spec.arch else spec.sizes} "
+            f"{spec.hidden}/{spec.output} {spec.loss} "
             f"{spec.dtype}, {cfg.optimizer} lr={cfg.lr} batch={bs}, engine {engine.name}, "
             f"{cfg.threads} thread(s), {n_train} training samples"
             + (f", {len(validation)} validation" if validation is not None else "")
@@ -301,5 +308,5 @@ def _progress_bar(total, epoch, epochs, enabled, initial=0):
 
 def evaluate(net, X, y):
     """Predictions and accuracy of a network on (X, y)."""
-    pred = net.predict(np.asarray(X, dtype=net.dtype))
+    pred = net.predict(scaled(np.asarray(X), net.dtype))     # uint8 pixels: x / 255
     return pred, float(np.mean(pred == y))
