@@ -21,7 +21,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[mpi,sklearn,onnx,dev]'
+	$(PY) -m pip install -q -e '.[mpi,sklearn,onnx,dev,peers]'
 	touch $@
 
 # The real data: Debian's package when we are root with apt, otherwise a verified download.

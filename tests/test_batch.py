@@ -61,15 +61,16 @@ class Idle(Doubling):
         return idx[:0]
 
 
-def test_batch_engine_reduces_the_gradient_before_each_step():
+@pytest.mark.parametrize("shards", [1, 2])
+def test_batch_engine_reduces_the_gradient_before_each_step(shards):
     spec = Spec(SIZES, "tanh", "tanh", "mse", "float64")
     X, T, order = synthetic(spec, 100)
     hook = Doubling()
     net, opt = MLP(spec, seed=0), make_optimizer("sgd", spec.n_params, spec.dtype, 0.05)
-    stats = make_engine("batch", reducer=hook).train(net, opt, X, T, order, 16)
+    stats = make_engine("batch", reducer=hook, shards=shards).train(net, opt, X, T, order, 16)
     # lr * (2 g) == (2 lr) * g exactly: doubling is exact in floating point
     ref, ref_opt, ref_stats = train("batch", spec, X, T, order, optimizer="sgd", lr=0.1,
-                                    batch_size=16)
+                                    batch_size=16, shards=shards)
     assert hook.calls == opt.t == 7                      # 6 batches of 16 and one of 4
     assert np.array_equal(net.params, ref.params)
     assert (stats.loss_sum, stats.correct, stats.n) == \
@@ -175,3 +176,105 @@ def test_batch_engine_drops_out_like_numpy_and_independently_of_threads_and_chun
     assert not np.array_equal(one, run(threads=1, chunks=1, seed=8))
     plain, _, _ = train("batch", AUG_SPEC, X, T, order, **kw)
     assert not np.array_equal(one, plain.params)
+
+
+# --- uint8 pixels: the training set as stored, scaled per batch ---------------------------------
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("batch_size, augment", [(32, False), (200, False), (32, True),
+                                                 (200, True)])
+def test_batch_engine_on_uint8_pixels_matches_the_scaled_float_copy_bitwise(dtype, batch_size,
+                                                                          augment):
+    from parnn.engines.batch import Augmentation
+
+    spec = Spec(AUG_SPEC.sizes, "relu", "softmax", "cross_entropy", dtype)
+    rng = np.random.default_rng(4)
+    X8 = (rng.integers(0, 256, (200, 784)) * (rng.random((200, 784)) < 0.5)).astype(np.uint8)
+    X = X8.astype(dtype) / np.dtype(dtype).type(255)      # what the data path used to keep
+    _, T, order = synthetic(spec, 200)
+    kw = dict(optimizer="adam", lr=0.01, batch_size=batch_size, threads=2,
+              augment=Augmentation(seed=3, shift=2, hflip=True) if augment else None)
+    floats, _, fstats = train("batch", spec, X, T, order, **kw)
+    pixels, _, pstats = train("batch", spec, X8, T, order, **kw)
+    assert np.array_equal(pixels.params, floats.params)
+    assert (pstats.loss_sum, pstats.correct) == (fstats.loss_sum, fstats.correct)
+    assert not np.array_equal(pixels.params, MLP(spec, seed=0).params)     # it trained
+
+
+# --- shards: each thread computes its share of a batch, summed in shard order -----------------
+
+@pytest.mark.parametrize("shards", [2, 3])
+@pytest.mark.parametrize("options", [{}, {"dropout": 0.3}, {"augment": True}])
+def test_sharded_batches_give_the_same_bits_at_any_thread_count(shards, options):
+    from parnn.engines.batch import Augmentation, DropoutOption
+
+    spec = Spec(AUG_SPEC.sizes, "relu", "softmax", "cross_entropy", "float32")
+    X, T, order = synthetic(spec, 203)               # 6 batches of 32 and one of 11
+    kw = dict(optimizer="adam", lr=0.01, batch_size=32, shards=shards)
+    if "dropout" in options:
+        kw["dropout"] = DropoutOption(options["dropout"], seed=7)
+    if "augment" in options:
+        kw["augment"] = Augmentation(seed=3, shift=2, hflip=True)
+    runs = [train("batch", spec, X, T, order, threads=p, **kw) for p in (1, 2)]
+    (one, opt1, s1), others = runs[0], runs[1:]
+    for net, opt, s in others:
+        assert np.array_equal(net.params, one.params)
+        assert (s.loss_sum, s.correct, s.n) == (s1.loss_sum, s1.correct, s1.n)
+    assert s1.n == 203 and opt1.t == 7
+    # and it is the batch's mean gradient all the same: numpy's result up to rounding
+    kw.pop("shards")
+    ref, _, ref_stats = train("numpy", spec, X, T, order, **kw)
+    assert np.abs(one.params - ref.params).max() <= TOL_EPOCH["float32"]
+    assert s1.correct == ref_stats.correct
+
+
+def test_a_shards_error_is_raised_on_the_caller_and_the_threads_end():
+    import threading
+
+    spec = Spec(SIZES, "relu", "softmax", "cross_entropy", "float64")
+    X, T, order = synthetic(spec, 64)
+    net, opt = MLP(spec, seed=0), make_optimizer("sgd", spec.n_params, spec.dtype, 0.1)
+    engine = make_engine("batch", shards=2)
+    tnet, _ = engine.shard_nets(net, 32, 2)[1]
+
+    def broken(*args, **kw):
+        raise FloatingPointError("shard 1 broke")
+    tnet.forward = broken                             # shard 1's network only
+    before = threading.active_count()
+    import numba
+    numba.set_num_threads(2)
+    with pytest.raises(FloatingPointError, match="shard 1 broke"):
+        engine.train(net, opt, X, T, order, 32)
+    assert threading.active_count() == before
+
+
+class Layerwise(Doubling):
+    """A hook that also records on_layer: which layers, in what order, and their gradient as it
+    was when handed over (it must be final: the sum over the shards)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def on_layer(self, l, g_l):
+        self.seen.append((l, [g.copy() for g in g_l]))
+
+    def reduce(self, grad):
+        self.final = grad.copy()
+        super().reduce(grad)
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_on_layer_hands_over_each_layers_final_gradient_last_layer_first(shards):
+    spec = Spec(SIZES, "relu", "softmax", "cross_entropy", "float64")
+    X, T, order = synthetic(spec, 16)
+    net, opt = MLP(spec, seed=0), make_optimizer("sgd", spec.n_params, spec.dtype, 0.1)
+    hook = Layerwise()
+    make_engine("batch", reducer=hook, shards=shards).train(net, opt, X, T, order, 16)
+    assert [l for l, _ in hook.seen] == [2, 1, 0]
+    o = 0
+    for _, g_l in reversed(hook.seen):             # layer 0 first: the flat buffer's layout
+        for g in g_l:
+            assert np.array_equal(g.ravel(), hook.final[o:o + g.size])
+            o += g.size
+    assert o == spec.n_params

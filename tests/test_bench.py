@@ -207,7 +207,7 @@ def test_every_option_is_a_flag_of_the_cli(capsys):
     (["--repeat", "0"], "--repeat must be >= 1"),
     (["--engines", "serial,warp"], "unknown engine 'warp'"),
     (["--workload", "modern", "--engines", "neuron"], "engine neuron cannot run the modern"),
-    (["--peers", "jax"], "unknown peer 'jax'"),
+    (["--peers", "flax"], "unknown peer 'flax'"),
     (["--c-reference", "/nonexistent"], "no executable nn_serial or nn_omp"),
     (["--threads", "4096"], "more than Numba's pool"),
     (["--limit-train", "0"], "--limit-train must be >= 1"),
@@ -264,3 +264,28 @@ def test_the_model_fits_the_papers_table():
     f = overhead.fit_paper()
     for p, t in overhead.PAPER_TIMES.items():
         assert f["fitted_s"][p] == pytest.approx(t, rel=0.1)
+
+
+# --- peers run in a child process pinned to their cores ---------------------------------------
+
+@pytest.mark.parametrize("peer", ["jax", "torch"])
+def test_a_peer_runs_pinned_in_a_child_and_trains_what_parnn_trains(peer, tmp_path):
+    import os
+
+    from parnn.bench import pinned
+    from parnn.data import load_dataset
+    from parnn.run.config import make_config
+
+    pytest.importorskip(peer)
+    d = write_dataset(tmp_path, n_train=700, n_test=300)
+    cfg = make_config("modern", hidden=(32,), epochs=2)       # a ragged last batch of 60
+    w = runners.make_work(cfg, load_dataset("fashion-mnist", d, cfg.dtype))
+    out = pinned.pinned_run(peer, w, 1)
+    assert "error" not in out, out
+    assert out["pinned_cores"] == sorted(os.sched_getaffinity(0))[:1]
+    assert out["time_s"] > 0 and out.get("compile_s", 1) > 0
+    # same init, order, optimizer and schedule: the same model up to rounding, so the same
+    # test accuracy give or take a sample or two
+    _, ours = runners.train_run(make_engine("batch"), w, 1)
+    assert abs(out["test_acc"] - ours["test_acc"]) <= 2 / 300
+    assert pinned.pinned_run(peer, w, 1, warm_up=True) is None

@@ -14,8 +14,9 @@ One process, one sitting (run it under `flock /tmp/bench.lock`: the machine is s
     prange regions for neuron, empty spin barriers for owner); a fitted model
     time(p) = serial + compute/p + regions x cost_per_region(p) then predicts the paper's thread
     counts (4 to 28), labelled as a prediction;
-  * optionally PyTorch and scikit-learn on the same workload (--peers) and the C/OpenMP
-    reference binaries (--c-reference DIR).
+  * optionally PyTorch, JAX and scikit-learn on the same workload (--peers), each run a child
+    process pinned to the thread count's cores (bench.pinned), and the C/OpenMP reference
+    binaries (--c-reference DIR).
 
 Writes OUT/bench.json (everything), OUT/bench.csv (one row per configuration),
 OUT/breakdown.csv and PNG figures; prints the paper's table format per engine.
@@ -112,7 +113,7 @@ def run(opts, log=print):
 
     from tqdm import tqdm
 
-    from parnn.bench import harness, overhead, report, runners
+    from parnn.bench import harness, overhead, pinned, report, runners
     from parnn.data import load_dataset
     from parnn.engines import PER_SAMPLE
 
@@ -156,9 +157,9 @@ def run(opts, log=print):
     for name, engine in engines.items():
         for p in ((1,) if name == "serial" else opts.threads):    # serial never starts threads
             configs[("engine", name, p)] = partial(runners.engine_run, engine, w, p)
-    for peer in peers:
+    for peer in peers:                 # each run a child process pinned to p cores
         for p in opts.threads:
-            configs[("peer", peer, p)] = partial(runners.PEER_RUNS[peer], w, p)
+            configs[("peer", peer, p)] = partial(pinned.pinned_run, peer, w, p)
     if opts.c_reference:
         # the C reads the gzipped IDX files of a directory; else it uses its own default one
         c_data = ds.source if (Path(ds.source) / "train-images-idx3-ubyte.gz").exists() else None
@@ -214,7 +215,7 @@ def run(opts, log=print):
                  f"{opts.quiet_wait:g} s (see 'others')")
         failed = {r["error"] for r in runs if "error" in r}
         for e in sorted(failed):
-            note(f"C reference failed: {e}")
+            note(e if e.startswith("peer ") else f"C reference failed: {e}")
         rows = report.summarize(runs, w, res["gemm_peak_gflops"])
         res["results"] = rows
         if do_breakdown:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 WORKLOADS = {"paper": "W1", "modern": "W2"}     # workload = run.train's preset of that name
-PEERS = ("torch", "sklearn")
+PEERS = ("torch", "jax", "sklearn")
 DATASETS = ("fashion-mnist", "mnist")
 
 
@@ -75,8 +75,8 @@ class Options:
     repeat: int = flag(3, "--repeat", always=True, type=int, metavar="K",
                        help="runs per configuration, in interleaved rounds (default: 3)")
     peers: tuple = flag((), "--peers", nargs="?", const=PEERS, type=names, metavar="LIST",
-                        help="also time PyTorch and scikit-learn on the same workload (or only "
-                        "LIST)")
+                        help="also time PyTorch, JAX and scikit-learn on the same workload, "
+                        "each pinned to the thread count's cores (or only LIST)")
     c_reference: Path | None = flag(None, "--c-reference", type=Path, metavar="DIR",
                                     help="also time the C reference binaries nn_serial and "
                                     "nn_omp in DIR")

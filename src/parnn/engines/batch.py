@@ -2,34 +2,46 @@
 into a workspace allocated once, BLAS for the matrix products, any optimizer of parnn.core.optim.
 The fast path of the modern preset.
 
-Per batch of B samples:
+Per batch of B samples, cut into S shards of consecutive samples (S = 2 by default), each
+shard computed by one of the caller's threads into its own workspace:
 
-    gather    X, T rows of the batch into preallocated buffers (np.take, out=); with an
-              Augmentation, X's rows are written transformed instead (augment_batch)
+    gather    X, T rows of the batch into preallocated buffers (np.take, out=); uint8 pixels
+              (the training set as stored) are scaled x / 255 in the network's dtype on the
+              way (parnn.engines.scaled: the bits of a float copy made up front); with an
+              Augmentation, X's rows are written transformed and scaled instead (augment_batch)
     forward   net.forward(X, out=workspace)      each layer straight into its buffer
     backward  net.backward(..., deltas=workspace) each layer's gradient straight into its view of
               the flat gradient buffer, its deltas into preallocated buffers
+    sum       the shards' gradients added in shard order: grad_0 + grad_1 + ...
     reduce    the gradient-reduce hook, for data-parallel training (see BatchEngine)
     step      opt.step(params, grad) on the flat buffers (Adam's is one compiled pass)
 
-So the math is the numpy engine's, written once in parnn.core; this engine only removes the
-allocations and the per-batch copies. BLAS threads are whatever the caller set (threadpoolctl);
-with float32 data and parameters nothing is ever converted. A full batch (every sample at once)
-uses X as it is instead of gathering it in the shuffled order: the gradient is a sum over all
-samples, so only the rounding order changes.
+So the math is the numpy engine's, written once in parnn.core; this engine removes the
+allocations and per-batch copies, and spreads the shards over threads. Data parallelism inside
+the process, not BLAS threads: with 2 threads each runs its shard's GEMMs single-threaded (64
+rows at batch 128) instead of both threads splitting every small GEMM, and an OpenBLAS pool
+that spins next to a busy neighbour cannot collapse the epoch (measured in docs/ENGINES.md).
+The shards are fixed by S, not by the thread count, and summed in one order, so the results
+are the same bits at any thread count. shards=1 gives the numpy engine's bits (one gradient,
+BLAS threads as the caller set them); it is faster on one core, where a second shard only adds
+its Python and a second pass over each weight matrix. With float32 data and parameters
+nothing is ever converted. A full batch (every sample at once) uses X as it is instead of
+gathering it in the shuffled order: the gradient is a sum over all samples, so only the
+rounding order changes.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
 
-from parnn.core.layers import Dropout
+from parnn.core.layers import Dropout, param_views
 from parnn.core.losses import n_correct
 from parnn.core.model import MLP
 from parnn.core.optim import OPTIMIZERS
-from parnn.engines import EpochStats, contiguous_inputs
+from parnn.engines import EpochStats, contiguous_inputs, scaled
 from parnn.errors import ConfigError
 
 
@@ -87,6 +99,7 @@ def draw_masks(tnet, epoch, idx):
 
 
 AUGMENT_BATCHES = 64      # batches augmented in one parallel call (at most)
+SHARDS = 2                # shards of a batch, one process (see BatchEngine)
 
 
 class Workspace:
@@ -95,8 +108,8 @@ class Workspace:
 
     def __init__(self, spec, B, layers=None):
         dt = np.dtype(spec.dtype)
-        self.key = (spec, B, None if layers is None else len(layers))
         self.X = np.empty((B, spec.sizes[0]), dt)
+        self.X8 = np.empty((B, spec.sizes[0]), np.uint8)   # uint8 pixels before scaling
         self.T = np.empty((B, spec.sizes[-1]), dt)
         layers = spec.layers() if layers is None else layers
         shapes = [(B, *layer.out_shape) for layer in layers]
@@ -117,22 +130,30 @@ class BatchEngine:
     gradient-reduce hook, an object with
         part(idx)     the samples of the global batch `idx` this process computes
         reduce(grad)  sums the flat gradient over the processes, in place, before the step
+        on_layer(l, g_l)  optional: layer l's gradient views are final (MLP.backward's hook),
+                      so the sum of that layer may start while backward goes on
     Each part's gradient is scaled by 1/len(idx) of the GLOBAL batch, so the sum is the batch's
     mean gradient and every process takes the same step. Stats are this process's part only.
 
     augment: None, or an Augmentation: train's `epoch` then picks the epoch's transforms.
     dropout: None, or a DropoutOption: train's `epoch` then picks the epoch's masks.
+    shards: how many shards each batch is cut into (None: SHARDS for one process, 1 with a
+    reducer, whose processes are the data parallelism). Threads = Numba's thread count, which
+    parnn.run.train.set_threads sets with BLAS's; with a reducer and S > 1, on_layer is
+    called for each layer once the shards are summed, last layer first.
     """
 
     name = "batch"
+    takes_pixels = True     # uint8 X (x / 255) is scaled in the gather
 
-    def __init__(self, reducer=None, augment=None, dropout=None):
+    def __init__(self, reducer=None, augment=None, dropout=None, shards=None):
         self.reducer = reducer
         self.augment = augment
         self.dropout = dropout
-        self._ws = None
-        self._tnet = None
+        self.shards = shards
+        self._shards = None     # (key, params, [(training net, workspace)] per shard)
         self._aug = None        # the augmented block of batches
+        self._blas = None       # threadpoolctl's controller, made on first use
 
     def check(self, spec, optimizer, batch_size):
         opt = getattr(optimizer, "name", optimizer)
@@ -147,65 +168,178 @@ class BatchEngine:
         from threadpoolctl import threadpool_info
         blas = [{k: d.get(k) for k in ("internal_api", "architecture", "num_threads", "version")}
                 for d in threadpool_info() if d.get("user_api") == "blas"]
-        return {"engine": self.name, "blas": blas}
+        return {"engine": self.name, "blas": blas,
+                "shards": self.shards if self.shards is not None else
+                SHARDS if self.reducer is None else 1}
 
-    def workspace(self, spec, B, layers=None):
-        if self._ws is None or self._ws.key != (spec, B, None if layers is None else len(layers)):
-            self._ws = None                      # free the old buffers before the new ones
-            self._ws = Workspace(spec, B, layers)
-        return self._ws
-
-    def training_net(self, net):
-        if self._tnet is None or self._tnet.params is not net.params:
-            self._tnet = training_net(net, self.dropout)
-        return self._tnet
-
-    def _augment_block(self, X, order, epoch):
-        """The augmented X[order], in a buffer reused from call to call."""
+    def _augment_block(self, X, order, epoch, dtype):
+        """The augmented X[order] in dtype, in a buffer reused from call to call."""
         buf = self._aug
         if buf is None or len(buf) < len(order) or buf.shape[1:] != X.shape[1:] \
-                or buf.dtype != X.dtype:
+                or buf.dtype != dtype:
             self._aug = None                     # free the old buffer before the new one
-            self._aug = buf = np.empty((len(order), X.shape[1]), X.dtype)
+            self._aug = buf = np.empty((len(order), X.shape[1]), dtype)
         return self.augment.fill(X, order, buf[:len(order)], epoch)
+
+    def shard_nets(self, net, B, S):
+        """S (training net, workspace) pairs, kept from call to call: each shard its own
+        network object over net's parameters (its own dropout masks and gradient views) and
+        its own buffers, so shards can run at the same time. Shard 0 trains net itself."""
+        key = (net.spec, B, S, self.dropout)
+        if self._shards is None or self._shards[0] != key or self._shards[1] is not net.params:
+            self._shards = None                  # free the old buffers before the new ones
+            pairs = []
+            for s in range(S):
+                tnet = training_net(net if s == 0 else MLP(net.spec, net.params), self.dropout)
+                layers = None if tnet.layers is net.layers else tnet.layers
+                pairs.append((tnet, Workspace(net.spec, -(-B // S), layers)))  # ceil(B/S) rows
+            self._shards = (key, net.params, pairs)
+        return self._shards[2]
 
     def train(self, net, opt, X, T, order, batch_size, epoch=1):
         self.check(net.spec, opt, batch_size)
-        X, T, order = contiguous_inputs(net, X, T, order)
+        X, T, order = contiguous_inputs(net, X, T, order, pixels=True)   # uint8 stays uint8
+        pixels = X.dtype == np.uint8
         B = min(batch_size, max(len(order), 1))
-        tnet = self.training_net(net)
-        ws = self.workspace(net.spec, B, None if tnet is net else tnet.layers)
-        loss_sum, correct, n = 0.0, 0, 0
+        S = self.shards if self.shards is not None else (SHARDS if self.reducer is None else 1)
+        S = max(1, min(S, B))                    # a shard of a batch has at least one sample
+        shards = self.shard_nets(net, B, S)
+        nt = min(S, _threads())                  # threads that run the shards
+        on_layer = getattr(self.reducer, "on_layer", None)
         # Augmenting AUGMENT_BATCHES batches in one parallel call, not one batch per call:
         # a Numba region between every pair of BLAS calls makes the two thread pools fight
         # (docs/ACCURACY.md). Each sample's transform is its own: the same bits either way.
         blocks = self.augment is not None and self.reducer is None
         block = AUGMENT_BATCHES * B
-        for start in range(0, len(order), B):
-            if blocks and start % block == 0:
-                Xa = self._augment_block(X, order[start:start + block], epoch)
-            idx = order[start:start + B]
-            part = idx if self.reducer is None else self.reducer.part(idx)
-            b = len(part)
+        losses, hits = np.zeros(S), np.zeros(S, np.int64)
+        batch = {}                               # what the shards of this batch need
+
+        def run_shard(s):
+            """Shard s of the batch: rows part[lo:hi] into its own gradient buffer."""
+            tnet, ws = shards[s]
+            part, start, scale = batch["part"], batch["start"], batch["scale"]
+            lo, hi = len(part) * s // S, len(part) * (s + 1) // S
+            rows, b = part[lo:hi], hi - lo
             if tnet is not net:
-                draw_masks(tnet, epoch, part)
-            if b == len(X) and self.augment is None and tnet is net:   # full batch: the sum
-                Xb, Tb = X, T                                          # over all samples
+                draw_masks(tnet, epoch, rows)
+            if batch["full"]:                     # X as it is: the gradient is a sum anyway
+                Xb, Tb = X[lo:hi], T[lo:hi]
+                if pixels:
+                    Xb = scaled(Xb, ws.X.dtype, ws.X[:b])
             else:                                 # gather (mode=clip: no hidden buffer)
                 Xb, Tb = ws.X[:b], ws.T[:b]
                 if blocks:
-                    Xb = Xa[start % block:start % block + b]
+                    at = start % block + lo
+                    Xb = batch["Xa"][at:at + b]
                 elif self.augment is not None:
-                    self.augment.fill(X, part, Xb, epoch)
+                    self.augment.fill(X, rows, Xb, epoch)
+                elif pixels:
+                    scaled(np.take(X, rows, axis=0, out=ws.X8[:b], mode="clip"), Xb.dtype, Xb)
                 else:
-                    np.take(X, part, axis=0, out=Xb, mode="clip")
-                np.take(T, part, axis=0, out=Tb, mode="clip")
+                    np.take(X, rows, axis=0, out=Xb, mode="clip")
+                np.take(T, rows, axis=0, out=Tb, mode="clip")
             acts = tnet.forward(Xb, out=ws.rows(ws.A, b))
-            loss_sum += tnet.backward(acts, Tb, ws.grad, scale=1.0 / len(idx),
-                                     deltas=ws.rows(ws.D, b))
-            correct += n_correct(acts[-1], Tb)
-            n += b
-            if self.reducer is not None:
-                self.reducer.reduce(ws.grad)
-            opt.step(net.params, ws.grad)
-        return EpochStats(loss_sum, correct, n)
+            losses[s] += tnet.backward(acts, Tb, ws.grad, scale=scale, deltas=ws.rows(ws.D, b),
+                                       on_layer=on_layer if S == 1 else None)
+            hits[s] += n_correct(acts[-1], Tb)
+
+        def job(t):
+            for s in range(t, S, nt):
+                run_shard(s)
+
+        grad = shards[0][1].grad                 # shard 0's gradient, then the sum of all
+        n = 0
+        with Crew(nt, self._blas_single if nt > 1 else None) as crew:
+            for start in range(0, len(order), B):
+                if blocks and start % block == 0:
+                    batch["Xa"] = self._augment_block(X, order[start:start + block], epoch,
+                                                      net.dtype)
+                idx = order[start:start + B]
+                part = idx if self.reducer is None else self.reducer.part(idx)
+                batch.update(part=part, start=start, scale=1.0 / len(idx),
+                             full=len(part) == len(X) and self.augment is None
+                             and self.dropout is None)
+                crew.run(job)
+                for s in range(1, S):             # in shard order: the same bits at any
+                    grad += shards[s][1].grad     # thread count
+                n += len(part)
+                if self.reducer is not None:
+                    if S > 1 and on_layer is not None:    # the layers' sums are final now
+                        for l, g_l in reversed(list(enumerate(
+                                param_views(shards[0][0].layers, grad)))):
+                            on_layer(l, g_l)
+                    self.reducer.reduce(grad)
+                opt.step(net.params, grad)
+        # summed in shard order, not as they came: the same stats at any thread count
+        return EpochStats(float(sum(losses.tolist())), int(hits.sum()), n)
+
+    def _blas_single(self):
+        """A context in which BLAS runs on the calling thread only (each shard's thread)."""
+        if self._blas is None:
+            from threadpoolctl import ThreadpoolController
+            self._blas = ThreadpoolController()
+        return self._blas.limit(limits=1, user_api="blas")
+
+
+def _threads():
+    """The caller's thread count (parnn.run.train.set_threads sets Numba's with BLAS's)."""
+    import numba
+    return numba.get_num_threads()
+
+
+class Crew:
+    """nt threads for one train() call: the caller and nt - 1 helpers. run(job) calls job(t)
+    for t = 0..nt-1 at the same time, job(0) on the caller, and returns when all are done (a
+    helper's exception is raised there). blas: None, or a context (made on each helper) that
+    keeps BLAS on the calling thread, so the shards' GEMMs do not fight for the cores."""
+
+    def __init__(self, nt, blas=None):
+        self.nt, self.blas = nt, blas
+        self.job, self.errors = None, []
+        self.go = [threading.Event() for _ in range(nt)]
+        self.done = [threading.Event() for _ in range(nt)]
+        self.threads = [threading.Thread(target=self._helper, args=(t,), daemon=True)
+                        for t in range(1, nt)]
+
+    def __enter__(self):
+        self._limits = self.blas() if self.blas is not None else None
+        if self._limits is not None:
+            self._limits.__enter__()
+        for th in self.threads:
+            th.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.job = None                           # helpers return on a go without a job
+        for t in range(1, self.nt):
+            self.go[t].set()
+        for th in self.threads:
+            th.join()
+        if self._limits is not None:
+            self._limits.__exit__(*exc)
+
+    def run(self, job):
+        self.job = job
+        for t in range(1, self.nt):
+            self.go[t].set()
+        try:
+            job(0)
+        finally:
+            for t in range(1, self.nt):
+                self.done[t].wait()
+                self.done[t].clear()
+        if self.errors:
+            raise self.errors.pop()
+
+    def _helper(self, t):
+        while True:
+            self.go[t].wait()
+            self.go[t].clear()
+            job = self.job
+            if job is None:
+                return
+            try:
+                job(t)
+            except BaseException as e:          # raised again on the caller, in run
+                self.errors.append(e)
+            self.done[t].set()
