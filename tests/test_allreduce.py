@@ -87,14 +87,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_allreduce_equals_the_batch_engine_and_ranks_are_bitwise_identical(tmp_path, ranks):
-    script = tmp_path / "allreduce.py"
-    script.write_text(SCRIPT)
-    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
-    p = subprocess.run([str(MPIEXEC), "-n", str(ranks), sys.executable, str(script),
-                        str(tmp_path / "out.npz"), str(TESTS)],
-                       capture_output=True, text=True, timeout=180, env=env)
-    assert p.returncode == 0, p.stderr
-    got = np.load(tmp_path / "out.npz")
+    got = _launch(tmp_path, SCRIPT, ranks)
 
     for case, (_, _, batch, _, dtype) in CASES.items():
         assert len(set(got[case + ".digests"])) == 1, f"{case}: ranks differ"
@@ -109,3 +102,74 @@ def test_allreduce_equals_the_batch_engine_and_ranks_are_bitwise_identical(tmp_p
         assert steps == ref_opt.t == n_batches
         assert calls == n_batches + EPOCHS * len(chunks(N, batch))   # + one per chunk (stats)
         assert got[case + ".comm_seconds"] > 0
+
+
+OVERLAP_SCRIPT = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from mpi4py import MPI
+    sys.path.insert(0, sys.argv[2])
+    from test_allreduce import CASES, run
+    from parnn.distributed.watchdog import Watched
+    from parnn.engines.allreduce import AllreduceEngine, AverageEngine
+
+    comm = MPI.COMM_WORLD
+    out = {}
+    for case in CASES:
+        for name, engine in (("overlap", AllreduceEngine(comm, overlap=True)),
+                             ("blocking", AllreduceEngine(comm, overlap=False)),
+                             ("watched", AllreduceEngine(Watched(comm, 30), overlap=True)),
+                             ("average1", AverageEngine(comm, 1))):
+            net, opt, stats = run(engine, case)
+            if comm.rank == 0:
+                out[f"{case}.{name}"] = net.params
+                out[f"{case}.{name}.stats"] = stats
+    if comm.rank == 0:
+        np.savez(sys.argv[1], **out)
+""")
+
+
+def _launch(tmp_path, script, ranks):
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / "script.py"
+    path.write_text(script)
+    env = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
+    p = subprocess.run([str(MPIEXEC), "-n", str(ranks), sys.executable, str(path),
+                        str(tmp_path / "out.npz"), str(TESTS)],
+                       capture_output=True, text=True, timeout=180, env=env)
+    assert p.returncode == 0, p.stderr
+    return np.load(tmp_path / "out.npz")
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_overlapped_reduction_is_the_blocking_one_and_average_every_step_is_allreduce(tmp_path,
+                                                                                  ranks):
+    """Per-layer Iallreduce during backward == one Allreduce after it, bitwise on 2 ranks
+    (a + b == b + a whatever the message sizes), within rounding on 4 (MPICH may pick another
+    summation tree for another message size); the same through the watchdog. Local SGD
+    averaging after every step == allreduce where they coincide: plain SGD and every rank's
+    part of every batch the same size (sgd7 on 2 ranks: 7 = 3 + 4 is not; the full batch
+    310 = 155 + 155 is, but takes Adam steps: not either)."""
+    got = _launch(tmp_path, OVERLAP_SCRIPT, ranks)
+    # Where they do not coincide (7 does not split evenly): the averaged steps are other steps.
+    assert np.abs(got["sgd7.average1"] - got["sgd7.blocking"]).max() > 1e-9
+    for case, (optimizer, _, batch, _, dtype) in CASES.items():
+        a, b = got[f"{case}.overlap"], got[f"{case}.blocking"]
+        if ranks == 2:
+            assert np.array_equal(a, b), f"{case}: overlapped differs from blocking"
+            assert np.array_equal(got[f"{case}.overlap.stats"], got[f"{case}.blocking.stats"])
+        else:
+            assert np.abs(a - b).max() <= TOL_EPOCH[dtype], case
+        assert np.array_equal(got[f"{case}.watched"], a), f"{case}: the watchdog changed bits"
+    # A case where they coincide: plain SGD, batch 8 split evenly on 2 and 4 ranks, every
+    # batch whole (N = 312 = 39 batches of 8).
+    got = _launch(tmp_path / "even", OVERLAP_SCRIPT.replace("from test_allreduce import CASES, run",
+                                                   "import test_allreduce as t\n"
+                                                   "t.N = 312\n"
+                                                   "t.CASES = {'sgd8': ('sgd', 0.1, 8, "
+                                                   "('tanh', 'tanh', 'mse'), 'float64')}\n"
+                                                   "from test_allreduce import CASES, run"),
+                  ranks)
+    diff = np.abs(got["sgd8.average1"] - got["sgd8.blocking"]).max()
+    assert diff <= 1e-12, f"average every step vs allreduce: {diff:.3g}"
+    assert np.array_equal(got["sgd8.average1.stats"][:, 1:], got["sgd8.blocking.stats"][:, 1:])

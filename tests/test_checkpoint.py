@@ -249,9 +249,20 @@ def test_a_resumed_run_keeps_the_checkpoints_arithmetic_and_may_change_the_rest(
         resumed_config(ck, record, {"epochs": 1})
 
 
+def test_every_setting_is_kept_on_resume_or_may_change():
+    """A setting that changes the arithmetic and is not kept would be silently ignored."""
+    from parnn.run.config import TrainConfig
+    from parnn.run.resume import KEPT_ON_RESUME
+
+    may_change = {"epochs", "threads"}
+    assert {f.name for f in dataclasses.fields(TrainConfig)} - may_change <= set(KEPT_ON_RESUME)
+
+
 @pytest.mark.parametrize("setting,value,words", [
     ("validation_split", 0.2, r"--validation-split 0\.2 \(it has 0\.1\)"),
-    ("early_stopping", 3, r"--early-stopping 3 \(it has none\)")])
+    ("early_stopping", 3, r"--early-stopping 3 \(it has none\)"),
+    ("label_smoothing", 0.2, r"--label-smoothing 0\.2 \(it has 0\.0\)"),
+    ("layers", "dense8", r"--layers dense8 \(it has "),])
 def test_a_resumed_run_refuses_a_changed_validation_split_or_patience(run_dir, setting, value,
                                                                       words):
     """They change which samples train and when the run stops: refused, not ignored."""

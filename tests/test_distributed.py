@@ -34,8 +34,9 @@ needs_mpi = pytest.mark.skipif(not MPIEXEC.exists(), reason="no mpiexec next to 
 needs_data = pytest.mark.skipif(not REAL.is_dir(), reason="Fashion-MNIST not installed")
 mpi = [pytest.mark.mpi, needs_mpi]
 
-SMALL = ["--limit-train", "2000", "--limit-test", "500", "--hidden", "32", "--no-progress",
-         "--data", str(REAL)]
+# The preset the comparisons below train with in one process (not the CLI's default).
+SMALL = ["--preset", "modern", "--limit-train", "2000", "--limit-test", "500", "--hidden", "32",
+         "--no-progress", "--data", str(REAL)]
 
 
 def _env():
@@ -92,6 +93,8 @@ def test_disjoint_shards_partition_the_training_set_and_bootstrap_draws_n_over_k
     assert len(np.unique(boot[0])) < 250                        # with replacement
     assert not np.array_equal(boot[0], boot[1])                 # one stream per rank
     assert member_seed(7, 0) == 7 and member_seed(7, 3) == 7 + 3 * SEED_STRIDE
+    every = [shard_indices(1003, r, 4, "all", seed=5) for r in range(4)]
+    assert all(np.array_equal(e, np.arange(1003)) for e in every)   # members differ by seed
 
 
 @pytest.mark.parametrize("options,words", [
@@ -216,6 +219,21 @@ def test_ensemble_reports_members_and_votes_and_evaluate_reads_the_file(tmp_path
     report = capsys.readouterr().out
     assert "(2 networks)" in report
     assert float(re.search(r"accuracy: ([\d.]+)", report).group(1)) == pytest.approx(soft, abs=1e-4)
+
+
+@pytest.mark.mpi
+@needs_mpi
+@needs_data
+def test_an_ensemble_on_all_the_data_trains_every_member_on_every_sample(tmp_path):
+    out = tmp_path / "all"
+    p = parnn_mpi(2, "--distributed", "ensemble", "--shards", "all", *SMALL, "--epochs", "1",
+                  "--out", out)
+    assert p.returncode == 0, p.stderr
+    nets, meta = io.load_any(out / "model.safetensors")
+    assert [m["n_train"] for m in meta["members"]] == [2000, 2000]
+    assert [m["seed"] for m in meta["members"]] == [1, 1001]
+    assert not np.array_equal(nets[0].params, nets[1].params)
+    assert meta["distributed"]["shards"] == "all"
 
 
 @pytest.mark.mpi

@@ -157,9 +157,9 @@ def cmd_train(args):
                               checkpoint_every=args.checkpoint_every,
                               progress=_progress(args),
                               test_every_epoch=args.test_every_epoch, overwrite=args.overwrite)
-    if args.distributed and (args.resume or args.checkpoint_dir or args.checkpoint_every):
-        raise ConfigError("--resume, --checkpoint-dir and --checkpoint-every do not work with "
-                          "--distributed yet")
+    if args.average_every is not None and args.distributed != "average":
+        raise ConfigError("--average-every only applies to --distributed average (optimizer "
+                          "steps between two averages of the ranks' parameters)")
     if args.distributed and (args.validation_split or args.early_stopping
                              or args.test_every_epoch):
         raise ConfigError("--validation-split, --early-stopping and --test-every-epoch do not "
@@ -177,6 +177,8 @@ def cmd_train(args):
     log = functools.partial(print, file=sys.stderr) if args.json else print
     # Every setting has a flag of its name; None = not given (the preset's or the checkpoint's).
     settings = {f.name: getattr(args, f.name) for f in fields(config.TrainConfig)}
+    if args.resume is not None and args.distributed and not args.show_config:
+        return _train_distributed(args, None, settings)   # the checkpoint's settings
     if args.resume is not None:
         if args.show_config:
             return _show_config(session.resumed(args.resume, opts, settings, warn=_warn)[2])
@@ -210,15 +212,17 @@ def _show_config(cfg):
         print(f"{k.replace('_', '-'):<{width}}  {show_value(tuple(v) if isinstance(v, list) else v)}")
 
 
-def _train_distributed(args, cfg):
+def _train_distributed(args, cfg, settings=None):
     from parnn import distributed
 
     timeout = {} if args.rank_timeout is None else {"rank_timeout": args.rank_timeout}
     opts = distributed.DistributedOptions(
         mode=args.distributed, shards=args.shards, dataset=args.dataset or "fashion-mnist",
         data=args.data, limit_train=args.limit_train, limit_test=args.limit_test, out=args.out,
-        threads=args.threads, progress=_progress(args), overwrite=args.overwrite, **timeout)
-    return distributed.train(cfg, opts)
+        threads=args.threads, progress=_progress(args), overwrite=args.overwrite,
+        checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+        resume=args.resume, average_every=args.average_every, **timeout)
+    return distributed.train(cfg, opts, settings)
 
 
 def _refuse_undistributed_launch(args):

@@ -6,27 +6,32 @@ mpi4py is imported only by the functions that need it, so single-process use nev
 
 ensemble   the paper's future work. Rank r trains its own network with seed + 1000*r on its own
            shard of the training set (disjoint: one shuffle with the run's seed, cut into K
-           contiguous parts; bootstrap: n/K samples drawn with replacement, one stream per rank).
+           contiguous parts; bootstrap: n/K samples drawn with replacement, one stream per rank;
+           all: the whole training set, so the members differ by their seeds alone).
            After every epoch each rank computes its output layer on the test set and rank 0
            gathers them (MPI Gather into NumPy buffers) to score the soft and hard votes; at the
            end it gathers the parameters, reports every member and the votes, and saves ONE
            ensemble file.
 allreduce  synchronous data parallelism. Every rank holds the same network; each global batch of B
            samples is split into K contiguous parts, each rank computes its part's gradient scaled
-           by 1/B, one Allreduce(SUM) of the flat gradient buffer gives every rank the batch's mean
-           gradient, and every rank applies the same optimizer step: the compiled batch engine
-           with an Allreduce as its gradient-reduce hook (parnn.engines.allreduce). Equals one
-           process with batch B up to rounding; all ranks end with bitwise-identical weights
-           (checked).
+           by 1/B, the ranks sum the flat gradient (layer by layer as backward produces it) and
+           every rank applies the same optimizer step: the compiled batch engine with the sum as
+           its gradient-reduce hook (parnn.engines.allreduce). Equals one process with batch B up
+           to rounding; all ranks end with bitwise-identical weights (checked).
+average    local SGD: the same parts of the same batches, but each rank steps on its own part's
+           mean gradient; every --average-every steps and after every epoch one Allreduce
+           averages the parameters (optimizer state stays each rank's own).
 
-The modes themselves are in distributed/modes.py; every collective goes through
+The modes themselves are in distributed/modes.py; checkpoints (rank 0 writes, one file for every
+member) and resume in distributed/checkpoints.py; every collective goes through
 distributed/watchdog.py (no rank waits forever, nor spinning), and distributed/launch.py tells
 from the environment whether an MPI launcher started this process.
 
 Failures: set-up problems (bad flags, missing or different data on some rank) are collected from
 all ranks, rank 0 reports them and every rank exits with status 2; a rank that failed before MPI
 started (a bad flag on one rank of an MPMD launch) joins that exchange through fail_early. A
-rank that fails later (an exception, divergence, Ctrl-C) prints which rank failed and why, then
+rank that fails later (an exception, divergence, a second Ctrl-C: the first checkpoints and
+stops every rank, distributed/checkpoints.py) prints which rank failed and why, then
 calls MPI Abort, which ends every rank: a peer blocked in a collective would otherwise wait
 forever. A rank that goes silent (stopped, hung) is named by the watchdog, which aborts the job.
 (A rank killed by a signal is cleaned up by mpiexec itself.)
@@ -41,7 +46,7 @@ import os
 import signal
 import sys
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +54,13 @@ import numpy as np
 from parnn.errors import ConfigError, ParnnError
 
 VOTES = ("soft", "hard")
-MODES = ("ensemble", "allreduce")
-SHARDS = ("disjoint", "bootstrap")
+MODES = ("ensemble", "allreduce", "average")
+SHARDS = ("disjoint", "bootstrap", "all")
 SEED_STRIDE = 1000             # ensemble member r trains with seed + SEED_STRIDE * r
 _SHARD_STREAM = 7919           # the shard shuffle's own random stream, apart from init and order
 FAIL_ENV = "PARNN_TEST_FAIL"   # test hook "RANK:raise", "RANK:kill" or "RANK:stop", docs/MPI.md
 RANK_TIMEOUT = 60.0            # seconds a rank may be silent before the job is ended
+AVERAGE_EVERY = 8              # --distributed average: optimizer steps between two averages
 # Set once this process enters train(): from then on its problems go through train's own
 # exchange, so the CLI must not send them through fail_early too.
 ENTERED = False
@@ -96,6 +102,8 @@ def shard_indices(n, rank, size, kind="disjoint", seed=1):
     if kind == "bootstrap":
         rng = np.random.default_rng([seed, _SHARD_STREAM, rank])
         return np.sort(rng.integers(0, n, max(1, n // size)))
+    if kind == "all":   # every member the whole training set: only its seed differs
+        return np.arange(n)
     raise ConfigError(f"unknown shards {kind!r}: choose one of {', '.join(SHARDS)}")
 
 
@@ -106,7 +114,7 @@ class DistributedOptions:
     """How a distributed run spreads over the ranks, where its data comes from and where rank 0
     writes; the training settings themselves are a TrainConfig beside it."""
 
-    mode: str                            # "ensemble" or "allreduce"
+    mode: str                            # "ensemble", "allreduce" or "average"
     shards: str | None = None            # ensemble: "disjoint" (None) or "bootstrap"
     dataset: str = "fashion-mnist"
     data: Path | None = None             # None: parnn.data's search
@@ -117,6 +125,11 @@ class DistributedOptions:
     progress: bool = True
     overwrite: bool = False              # rank 0 may replace a trained model in `out`
     rank_timeout: float = RANK_TIMEOUT   # seconds of silence before a rank is given up; 0: never
+    checkpoint_dir: Path | None = None   # None: OUT/checkpoints (rank 0 writes them)
+    checkpoint_every: int | None = None  # optimizer steps; None: after every epoch only
+    resume: Path | None = None           # carry on the run whose checkpoints are there
+    average_every: int | None = None     # average: optimizer steps between averages (K)
+    overlap: bool = True                 # allreduce: reduce each layer as backward produces it
 
     def __post_init__(self):
         t = self.rank_timeout
@@ -131,6 +144,17 @@ class DistributedOptions:
                               "share of the training set)")
         if self.shards is not None and self.shards not in SHARDS:
             raise ConfigError(f"unknown shards {self.shards!r}: choose one of {', '.join(SHARDS)}")
+        if self.average_every is not None and self.mode != "average":
+            raise ConfigError("--average-every only applies to --distributed average (optimizer "
+                              "steps between two averages of the ranks' parameters)")
+        for flag, n in (("--average-every", self.average_every),
+                        ("--checkpoint-every", self.checkpoint_every)):
+            if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+                raise ConfigError(f"{flag} must be a whole number >= 1 (optimizer steps), "
+                                  f"got {n!r}")
+        if self.resume is not None and self.checkpoint_dir is not None:
+            raise ConfigError("--checkpoint-dir cannot be combined with --resume: a resumed run "
+                              "goes on writing its checkpoints into the --resume directory")
 
 
 def world():
@@ -143,24 +167,49 @@ def world():
     return MPI.COMM_WORLD
 
 
-def train(cfg, opts):
+@dataclass
+class Plan:
+    """Where a distributed run's checkpoints go and what it carries on from (this rank's)."""
+
+    ckdir: Path
+    out: Path                       # where rank 0 writes the run's files
+    every: int | None               # optimizer steps between checkpoints
+    run: dict                       # the checkpoint's run record (RunRecord + "distributed")
+    resume: object = None           # this rank's parnn.run.checkpoint.Checkpoint, or None
+    extra: dict = field(default_factory=dict)   # rank 0: what else was saved (votes)
+    hybrid: dict = field(default_factory=dict)  # ranks x threads, for the history
+
+
+def train(cfg, opts, settings=None):
     """Train cfg (a TrainConfig) as opts (DistributedOptions) say; every rank of the MPI job
-    runs this. Returns the exit status."""
+    runs this. With opts.resume, cfg is ignored: the checkpoint's settings are used, and
+    settings (TrainConfig settings given again, None: not given) are checked against them
+    (run/resume.py). Returns the exit status."""
     global ENTERED
     from parnn.distributed import modes
     from parnn.distributed.watchdog import Watched
-    from parnn.run.outputs import out_dir
+    from parnn.run.checkpoint import Interrupted
 
     ENTERED = True
     comm = Watched(world(), opts.rank_timeout)
     rank, size = comm.Get_rank(), comm.Get_size()
-    out = out_dir(cfg, opts.out)
-    with contextlib.ExitStack() as held:   # rank 0: the lock on `out`, for the whole run
+    # flush: stdout is a pipe under mpiexec, and an Abort would lose what is still buffered
+    log = functools.partial(print, flush=True) if rank == 0 else _quiet
+    with contextlib.ExitStack() as held:   # rank 0: the locks on `out` and the checkpoints
         local = _start(comm)
+        if opts.resume is not None:
+            from parnn.distributed.checkpoints import resumed
+
+            got = resumed(opts, settings or {}, comm, log)
+            if isinstance(got, int):
+                return got
+            cfg, opts, resume = got
+        else:
+            resume = None
         problem, fingerprint = None, None
         try:
             fail = _fail_hook(rank)
-            cfg, ds, engine, notes = _setup(opts, cfg, out, comm, local, held)
+            cfg, ds, engine, notes, plan = _setup(opts, cfg, comm, local, held, resume)
             fingerprint = _fingerprint(opts, cfg, ds)
         except ParnnError as e:
             problem = str(e)
@@ -171,17 +220,21 @@ def train(cfg, opts):
             if rank == 0:
                 raise ConfigError(error)
             return 2
+        plan.hybrid = _hybrid(comm, local, cfg.threads, opts.threads)
 
-        # flush: stdout is a pipe under mpiexec, and an Abort would lose what is still buffered
-        log = functools.partial(print, flush=True) if rank == 0 else _quiet
         progress = opts.progress and rank == 0
         for note in notes:
             log(note)
         try:
-            if opts.mode == "allreduce":
-                return modes.train_allreduce(cfg, ds, engine, out, comm, progress, log, fail)
-            return modes.train_ensemble(cfg, ds, engine, out, comm, opts.shards or "disjoint",
-                                        progress, log, fail)
+            if opts.mode == "ensemble":
+                return modes.train_ensemble(cfg, ds, engine, plan.out, comm,
+                                            opts.shards or "disjoint", progress, log, fail, plan)
+            return modes.train_replicas(cfg, ds, engine, plan.out, comm, progress, log, fail,
+                                        plan)
+        except Interrupted as err:   # every rank stopped at the same boundary, after a checkpoint
+            if rank == 0 or size == 1:
+                raise
+            return err.exit_status
         except BaseException as err:
             if size == 1:
                 raise
@@ -219,20 +272,29 @@ def _start(comm):
     return comm.Split_type(MPI.COMM_TYPE_SHARED).Get_size()
 
 
-def _setup(opts, cfg, out, comm, local, held):
-    """This rank's config, data and engine (the one its run keeps), and notes for rank 0 to
-    print; ParnnError for anything wrong, before any training. Rank 0 takes the lock on `out`
-    into `held` (a contextlib.ExitStack)."""
+def _setup(opts, cfg, comm, local, held, resume):
+    """This rank's config, data and engine (the one its run keeps), notes for rank 0 to print,
+    and the Plan of its checkpoints; ParnnError for anything wrong, before any training. Rank 0
+    takes the locks on `out` and the checkpoint directory into `held` (a contextlib.ExitStack).
+    resume: None, or this rank's share of the checkpoint (distributed.checkpoints.resumed)."""
     from parnn.data import load_dataset
     from parnn.paths import check_output_dir
-    from parnn.run import outputs, rundir, session
+    from parnn.run import checkpoint, outputs, rundir, session
     from parnn.run.config import batch_size_for, pick_engine, usable_cores
+    from parnn.run.resume import RunRecord, recorded_data
 
     rank, size = comm.Get_rank(), comm.Get_size()
+    out = Path(resume.out) if resume is not None else outputs.out_dir(cfg, opts.out)
+    ckdir = Path(resume.ckdir) if resume is not None else \
+        Path(opts.checkpoint_dir or out / "checkpoints")
     if rank == 0:   # only rank 0 writes: refuse an unusable --out before any training
         check_output_dir(out, "--out", files=outputs.FILES)
+        check_output_dir(ckdir, "--resume" if resume else "--checkpoint-dir",
+                         files=checkpoint.FILES)
         rundir.refuse_in_use(out, "--out")
-        _refuse_replacing(out, opts.overwrite)
+        rundir.refuse_in_use(ckdir, "--resume" if resume else "--checkpoint-dir")
+        if resume is None:
+            _refuse_replacing(out, ckdir, opts.overwrite)
     notes = []
     if size == 1:
         notes.append(f"parnn: --distributed {opts.mode} on 1 rank (not started by mpiexec; "
@@ -246,47 +308,108 @@ def _setup(opts, cfg, out, comm, local, held):
     if local * cfg.threads > cpus:
         notes.append(f"warning: {local} ranks x {cfg.threads} threads = {local * cfg.threads} "
                      f"exceeds the {cpus} cores of this machine; they will slow each other down")
-    if opts.mode == "allreduce":
+    if opts.mode in ("allreduce", "average"):
         if cfg.engine not in ("auto", "batch"):
-            raise ConfigError(f"--distributed allreduce reduces the gradients of the batch "
-                              f"engine; --engine {cfg.engine} cannot be combined with it "
-                              "(use auto or batch)")
+            what = "reduces the gradients of" if opts.mode == "allreduce" else "steps with"
+            raise ConfigError(f"--distributed {opts.mode} {what} the batch engine; --engine "
+                              f"{cfg.engine} cannot be combined with it (use auto or batch)")
         cfg = replace(cfg, engine="batch")
     session.check_plan(cfg, opts.dataset, opts.limit_train, opts.limit_test, processes=local)
-    ds = load_dataset(opts.dataset, opts.data, cfg.dtype, opts.limit_train, opts.limit_test)
+    # The images as stored (uint8) on every rank: the engines scale what they read.
+    if resume is not None:   # the data may have moved (--data), but must be the same bytes
+        ds = recorded_data(resume.record, opts.data, "uint8")
+    else:
+        ds = load_dataset(opts.dataset, opts.data, "uint8", opts.limit_train, opts.limit_test)
     if rank == 0:
         held.enter_context(rundir.hold(out, "--out"))
-        _refuse_replacing(out, opts.overwrite)   # again, under the lock
+        if ckdir.absolute() != out.absolute():
+            held.enter_context(rundir.hold(ckdir, "--checkpoint-dir"))
+        if resume is None:
+            _refuse_replacing(out, ckdir, opts.overwrite)   # again, under the lock
+            if opts.overwrite:   # never mix two runs' checkpoints
+                for name in rundir.existing(ckdir, checkpoint.FILES):
+                    (ckdir / name).unlink()
         rundir.sweep(out, outputs.FILES)
+        rundir.sweep(ckdir, checkpoint.FILES)
     n = len(ds.X_train)
     spec = cfg.spec(ds.n_features, ds.n_classes)
-    if opts.mode == "allreduce":
-        from parnn.engines.allreduce import AllreduceEngine
+    every = opts.checkpoint_every or (resume.record.checkpoint_every if resume else None)
+    record = RunRecord.of(ds, opts.limit_train, opts.limit_test, out, every).to_dict()
+    if resume is not None:
+        record = dict(resume.record.to_dict(), out=str(out.absolute()), checkpoint_every=every)
+    record["distributed"] = dict(mode=opts.mode, ranks=size)
+    if opts.mode == "ensemble":
+        record["distributed"]["shards"] = opts.shards or "disjoint"
+    if opts.mode == "average":
+        record["distributed"]["average_every"] = opts.average_every or AVERAGE_EVERY
+    plan = Plan(ckdir, out, every, record, resume.member if resume else None,
+                resume.extra if resume else {})
+    if opts.mode in ("allreduce", "average"):
+        from parnn.engines.allreduce import AllreduceEngine, AverageEngine
 
         bs = batch_size_for(cfg, n)
-        if bs < size:
-            notes.append(f"warning: batch size {bs} < {size} ranks: some ranks get no samples "
-                         "and only add communication")
-        engine = AllreduceEngine(comm)
+        if opts.mode == "average":
+            if bs < size:
+                raise ConfigError(f"--distributed average needs a batch of at least one sample "
+                                  f"per rank: batch size {bs} < {size} ranks")
+            engine = AverageEngine(comm, opts.average_every or AVERAGE_EVERY)
+        else:
+            if bs < size:
+                notes.append(f"warning: batch size {bs} < {size} ranks: some ranks get no "
+                             "samples and only add communication")
+            engine = AllreduceEngine(comm, overlap=opts.overlap)
         engine.check(spec, cfg.optimizer, bs)
-        return cfg, ds, engine, notes
+        return cfg, ds, engine, notes, plan
     if n < size:
         raise ConfigError(f"{n} training samples cannot be shared among {size} ranks")
     try:   # against the smallest shard (sizes differ by at most one)
         engine = pick_engine(cfg, spec, n // size)
     except ConfigError as e:
         raise ConfigError(f"{e}, the shard of each of the {size} ensemble members") from None
-    return cfg, ds, engine, notes
+    return cfg, ds, engine, notes, plan
 
 
-def _refuse_replacing(out, overwrite):
+def _refuse_replacing(out, ckdir, overwrite):
+    """A new run must not replace a trained model (without --overwrite) nor the checkpoints of
+    an unfinished run (resume it); as parnn.run.session.refuse_replacing, for either kind of
+    checkpoint."""
+    from parnn.distributed.checkpoints import peek
     from parnn.paths import shown
-    from parnn.run import rundir
+    from parnn.run import checkpoint, rundir
 
-    if not overwrite and rundir.existing(out, ("model.safetensors",)):
+    saved = peek(ckdir) if Path(ckdir).is_dir() else None
+    if saved is not None and not saved.finished:
+        d = saved.distributed or {}
+        ck = saved.first
+        command = checkpoint.resume_command(ckdir, d.get("mode"), d.get("ranks", 1))
+        raise ConfigError(f"{ckdir} holds the checkpoint of an unfinished run (epoch "
+                          f"{ck.position.epoch} of {ck.config.epochs}, step {ck.step}): continue "
+                          f"it with `{command}`"
+                          ", or start over with another --out or --checkpoint-dir (or delete "
+                          "that directory)")
+    if overwrite:
+        return
+    if rundir.existing(out, ("model.safetensors",)):
         raise ConfigError(f"--out {shown(out)} already holds a trained model "
                           "(model.safetensors): pass --overwrite to replace it and its history, "
                           "or choose another --out")
+    if rundir.existing(ckdir, checkpoint.FILES):
+        raise ConfigError(f"{shown(ckdir)} holds the checkpoints of a finished run whose model "
+                          f"is not in --out {shown(out)}: pass --overwrite to replace them, or "
+                          "choose another --out or --checkpoint-dir")
+
+
+def _hybrid(comm, local, threads, given):
+    """How the job spreads over nodes, ranks and threads, for the history."""
+    import socket
+
+    from parnn.run.config import usable_cores
+
+    nodes = len(set(comm.allgather(socket.gethostname())))
+    return dict(ranks=comm.Get_size(), nodes=nodes, ranks_per_node=local,
+                threads_per_rank=threads, cores_per_node=usable_cores(),
+                threads_from="--threads" if given else
+                "default: the node's cores / its ranks (MPI shared-memory split)")
 
 
 def _fingerprint(opts, cfg, ds):
@@ -322,17 +445,25 @@ def _setup_error(reports, size):
 def _fail_hook(rank):
     """The test hook: PARNN_TEST_FAIL=R:raise (R:kill, R:stop) makes rank R raise (SIGKILL,
     SIGSTOP itself) after its first chunk of training, while the other ranks go on into their
-    next collective."""
+    next collective; R:stop@S (raise@S, kill@S) after the first chunk that ends at optimizer
+    step S or later."""
     spec = os.environ.get(FAIL_ENV)
     if not spec:
-        return lambda epoch, done: None
+        return lambda epoch, done, step=0: None
     who, _, how = spec.partition(":")
-    if not who.isdigit() or how not in ("raise", "kill", "stop"):
-        raise ConfigError(f"{FAIL_ENV} must be RANK:raise, RANK:kill or RANK:stop, got {spec!r}")
+    how, _, at = how.partition("@")
+    if not who.isdigit() or how not in ("raise", "kill", "stop") or (at and not at.isdigit()):
+        raise ConfigError(f"{FAIL_ENV} must be RANK:raise, RANK:kill or RANK:stop, optionally "
+                          f"followed by @STEP, got {spec!r}")
     if int(who) != rank:
-        return lambda epoch, done: None
+        return lambda epoch, done, step=0: None
 
-    def fail(epoch, done):
+    fired = []
+
+    def fail(epoch, done, step=0):
+        if step < int(at or 0) or fired:   # once: a stopped rank may be continued (SIGCONT)
+            return
+        fired.append(step)
         if how == "stop":   # alive but silent, as under a debugger: the watchdog's case
             os.kill(os.getpid(), signal.SIGSTOP)
             return

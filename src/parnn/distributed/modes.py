@@ -1,9 +1,10 @@
-"""The two distributed modes, as every rank runs them once the set-up agreed
-(parnn.distributed.train): allreduce (one network, each batch split over the ranks) and
+"""The distributed modes, as every rank runs them once the set-up agreed
+(parnn.distributed.train): allreduce and average (one network, each batch split over the ranks:
+the gradient summed every batch, or local steps averaged every K; parnn.engines.allreduce) and
 ensemble (one network per rank, voted). Only rank 0 prints and writes; `comm` is a
 distributed.watchdog.Watched communicator, so no collective here can hang.
 
-Both write what a single run writes (run/outputs.py): model.safetensors, and history.json,
+All write what a single run writes (run/outputs.py): model.safetensors, and history.json,
 history.csv and history.png with a single run's layout, one row per epoch. The ensemble's rows
 are the ensemble's: test_acc is the soft vote's accuracy after that epoch (hard_acc the hard
 vote's), loss and train_acc the members' means; each member's own rows are in history.json's
@@ -19,52 +20,79 @@ import numpy as np
 
 from parnn.distributed import (SEED_STRIDE, VOTES, combine_outputs, member_seed,
                                shard_indices)
+from parnn.engines import scaled
+from parnn.run.memory import SCORE_ROWS
 
 
-def train_allreduce(cfg, ds, engine, out, comm, progress, log, fail):
+def train_replicas(cfg, ds, engine, out, comm, progress, log, fail, plan):
+    """allreduce and average: one network, on every rank, saved once by rank 0."""
+    from parnn.distributed.checkpoints import RankCheckpointer
     from parnn.io import params_sha256
     from parnn.run.config import batch_size_for
     from parnn.run.outputs import save_run
     from parnn.run.train import fit
 
     rank, size = comm.Get_rank(), comm.Get_size()
-    comm_at = {}   # epoch -> cumulative seconds in Allreduce after its last chunk
+    mode = engine.name
+    comm_at = {}   # epoch -> cumulative seconds in MPI after its last chunk
+    n = len(ds.X_train)
+    checkpoints = RankCheckpointer(comm, plan.ckdir, plan.every, plan.run, mode,
+                                   members=mode == "average")
+    if plan.resume is not None:   # every rank restored its own state: no broadcast from rank 0
+        engine.synced = mode == "average"
 
     def on_chunk(epoch, done, net, opt):
+        if mode == "average" and done == n:   # the epoch's model is the replicas' average
+            engine.average(net, opt)
         comm_at[epoch] = engine.comm_seconds
-        fail(epoch, done)
+        fail(epoch, done, opt.t)
 
-    bs = batch_size_for(cfg, len(ds.X_train))
-    log(f"allreduce on {size} rank(s): each batch of {bs} split among the ranks, one Allreduce "
-        f"of the gradient per batch, {cfg.threads} thread(s) per rank")
+    bs = batch_size_for(cfg, n)
+    if mode == "average":
+        log(f"average on {size} rank(s): each rank steps on its part of every batch of {bs}, "
+            f"the parameters averaged every {engine.every} step(s) and after every epoch, "
+            f"{cfg.threads} thread(s) per rank")
+    else:
+        how = "layer by layer during backward" if engine.overlap else "after backward"
+        log(f"allreduce on {size} rank(s): each batch of {bs} split among the ranks, the "
+            f"gradient summed {how}, {cfg.threads} thread(s) per rank")
     result = fit(cfg, ds, progress=progress, log=log, on_chunk=on_chunk, engine=engine,
-                 test_every_epoch=True)
+                 test_every_epoch=True, checkpoints=checkpoints, resume=plan.resume)
     before = 0.0
     for row in result.history:
-        row["comm_seconds"] = comm_at[row["epoch"]] - before
-        before = comm_at[row["epoch"]]
+        if row["epoch"] in comm_at:   # epochs trained by this job (not before a resume)
+            row["comm_seconds"] = comm_at[row["epoch"]] - before
+            before = comm_at[row["epoch"]]
     digest = params_sha256(result.net.params)
     digests = comm.allgather(digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"ranks ended with different weights: {digests}")
-    result.info.update(distributed="allreduce", ranks=size, params_sha256=digest,
-                       allreduce_calls=engine.calls, comm_seconds=engine.comm_seconds)
+    result.info.update(distributed=mode, ranks=size, params_sha256=digest,
+                       allreduce_calls=engine.calls, comm_seconds=engine.comm_seconds,
+                       hybrid=plan.hybrid)
+    if mode == "average":
+        result.info["average_every"] = engine.every
+    if mode == "allreduce":
+        result.info["overlap"] = engine.overlap
     if rank != 0:
         return 0
     paths = save_run(out, result, ds)
-    share = engine.comm_seconds / max(sum(r["seconds"] for r in result.history), 1e-12)
+    share = engine.comm_seconds / max(sum(r["seconds"] for r in result.history
+                                          if "comm_seconds" in r), 1e-12)
     print(f"weights identical on all {size} ranks (sha256 {digest[:16]}); "
-          f"{share:.0%} of training time in Allreduce" if size > 1 else
-          f"1 rank: {share:.0%} of training time in (trivial) Allreduce calls")
+          f"{share:.0%} of training time in MPI" if size > 1 else
+          f"1 rank: {share:.0%} of training time in (trivial) MPI calls")
     print(f"test accuracy {result.test_acc:.4f} after {len(result.history)} epoch(s); "
           f"model saved to {paths['model']}")
     return 0
 
 
-def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail):
+def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail, plan):
     from parnn.core.model import MLP
+    from parnn.distributed.checkpoints import RankCheckpointer
+    from parnn.run.config import batch_size_for
     from parnn.run.outputs import model_metadata
-    from parnn.run.train import fit
+    from parnn.run.train import chunk_size, fit
 
     rank, size = comm.Get_rank(), comm.Get_size()
     idx = shard_indices(len(ds.X_train), rank, size, shards, cfg.seed)
@@ -73,10 +101,18 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail):
     log(f"ensemble of {size}: rank r trains on its {shards} shard with seed {cfg.seed} + "
         f"{SEED_STRIDE}*r; showing rank 0 ({len(idx)} samples)")
     y = ds.y_test
-    votes = []   # rank 0: each epoch's accuracy of the soft and the hard vote
+    # rank 0: each epoch's accuracy of the soft and the hard vote (a resumed run's so far)
+    votes = list(plan.extra.get("votes", []))
+    checkpoints = RankCheckpointer(comm, plan.ckdir, plan.every, plan.run, "ensemble",
+                                   members=True, extra=lambda: {"votes": votes})
+    # The members meet after every chunk only if they cut their shards into as many chunks.
+    bs = batch_size_for(mcfg, len(idx))
+    chunks = -(-len(idx) // chunk_size(engine, bs, len(idx), plan.every * bs if plan.every
+                                       else None))
+    checkpoints.in_chunks = len(set(comm.allgather(chunks))) == 1
 
     def on_chunk(epoch, done, net, opt):
-        fail(epoch, done)
+        fail(epoch, done, opt.t)
         if done == len(idx):   # the epoch's last chunk: these are the epoch's weights
             outputs = gather_outputs(comm, net, ds.X_test)
             if rank == 0:
@@ -85,7 +121,7 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail):
 
     t0 = time.perf_counter()
     result = fit(mcfg, shard, progress=progress, log=log, engine=engine, on_chunk=on_chunk,
-                 test_every_epoch=True)
+                 test_every_epoch=True, checkpoints=checkpoints, resume=plan.resume)
     seconds = time.perf_counter() - t0
 
     # Rank 0 gathers the parameters into one NumPy buffer, and small per-member records.
@@ -104,7 +140,8 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail):
     nets = [MLP(net.spec, np.ascontiguousarray(p)) for p in params]
     info = dict(distributed="ensemble", mode="ensemble", ranks=size, shards=shards,
                 seed_stride=SEED_STRIDE, vote_in_file="soft", soft_acc=acc["soft"],
-                hard_acc=acc["hard"], wall_seconds=max(m["seconds"] for m in members))
+                hard_acc=acc["hard"], wall_seconds=max(m["seconds"] for m in members),
+                hybrid=plan.hybrid)
     meta = model_metadata(replace(result, config=cfg, history=rows), ds)
     meta.update(test_acc=acc["soft"], distributed=info,
                 members=[{k: v for k, v in m.items() if k != "history"} for m in members])
@@ -124,7 +161,8 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail):
 
 def gather_outputs(comm, net, X):
     """Every member's output layer on X, at rank 0 ((size, n, classes); None elsewhere)."""
-    mine = np.ascontiguousarray(net.output(X))
+    mine = np.concatenate([net.output(scaled(X[i:i + SCORE_ROWS], net.dtype))   # uint8: x / 255
+                           for i in range(0, len(X), SCORE_ROWS)])
     rank, size = comm.Get_rank(), comm.Get_size()
     outputs = np.empty((size, *mine.shape), mine.dtype) if rank == 0 else None
     comm.Gather(mine, outputs, root=0)

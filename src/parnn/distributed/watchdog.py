@@ -2,9 +2,9 @@
 
 MPI's blocking collectives wait forever for a rank that is alive but not progressing (SIGSTOP,
 a hung file system, a debugger), and MPICH waits by spinning, so every other rank burns a core
-while it waits. Watched(comm, timeout) has the calls parnn's MPI code makes (Allreduce, Bcast,
-Gather, gather, allgather, Split_type, Get_rank, Get_size, Abort) and runs each as a
-non-blocking request that it waits for itself:
+while it waits. Watched(comm, timeout) has the calls parnn's MPI code makes (Allreduce,
+Iallreduce + wait, Bcast, Gather, gather, allgather, bcast, scatter, Split_type, Get_rank,
+Get_size, Abort) and runs each as a non-blocking request that it waits for itself:
 
 - polling: it spins on Test() for SPIN seconds (a collective between ranks in step completes
   well within that, so the training loop keeps its speed), then sleeps between tests, backing
@@ -14,8 +14,9 @@ non-blocking request that it waits for itself:
   within GRACE seconds is silent. The lowest rank that answered prints one line naming the
   silent ranks, and calls Abort, which ends every rank (a stopped one too).
 
-Calls without a non-blocking form in mpi4py (the pickled gather/allgather, Split_type) wait in
-a watched Ibarrier first, so that once everyone is there the call itself returns at once.
+Calls without a non-blocking form in mpi4py (the pickled gather/allgather/bcast/scatter,
+Split_type) wait in a watched Ibarrier first, so that once everyone is there the call itself
+returns at once.
 timeout 0 turns all of this off: the plain blocking calls, as before.
 """
 
@@ -54,6 +55,10 @@ class Watched:
     def Abort(self, code=1):
         self.comm.Abort(code)
 
+    def Iallreduce(self, sendbuf, recvbuf, op=None):
+        """Started only: finish it with wait(request), which watches it."""
+        return self.comm.Iallreduce(sendbuf, recvbuf, op=op if op is not None else self.MPI.SUM)
+
     def Allreduce(self, sendbuf, recvbuf, op=None):
         op = op if op is not None else self.MPI.SUM
         if not self.timeout:
@@ -83,6 +88,14 @@ class Watched:
         self.Barrier()
         return self.comm.allgather(obj)
 
+    def bcast(self, obj, root=0):
+        self.Barrier()
+        return self.comm.bcast(obj, root=root)
+
+    def scatter(self, objs, root=0):
+        self.Barrier()
+        return self.comm.scatter(objs, root=root)
+
     def Split_type(self, kind):
         self.Barrier()
         return self.comm.Split_type(kind)
@@ -91,6 +104,9 @@ class Watched:
 
     def wait(self, request, what="a collective"):
         """Until request completes: spin, then sleep; ping the others after `timeout` s."""
+        if not self.timeout:
+            request.Wait()
+            return
         start = time.monotonic()
         nap, asked = 1e-4, False
         # Ask early enough that the answer is in when `timeout` seconds are up.

@@ -41,7 +41,7 @@ import numpy as np
 
 from parnn import io
 from parnn.engines import EpochStats, available
-from parnn.errors import ModelFileError, ParnnError
+from parnn.errors import ConfigError, ModelFileError, ParnnError
 from parnn.paths import path_kind, shown
 from parnn.core.model import Spec
 from parnn.core.optim import make_optimizer
@@ -63,8 +63,12 @@ class Interrupted(ParnnError):
         self.exit_status = 128 + signum
 
 
-def resume_command(directory):
-    return f"parnn train --resume {shlex.quote(str(directory))}"
+def resume_command(directory, mode=None, ranks=1):
+    """The command that carries a run on; mode, ranks: a --distributed run's (parnn.distributed)."""
+    if mode is None:
+        return f"parnn train --resume {shlex.quote(str(directory))}"
+    return (f"mpiexec -n {ranks} parnn train --distributed {mode} --resume "
+            f"{shlex.quote(str(directory))}")
 
 
 # --- writing -------------------------------------------------------------------------------
@@ -83,6 +87,11 @@ class Checkpointer:
         self._wrote_newest = False  # whether the newest file is known good: this run wrote it
 
     def save(self, cfg, pos, net, opt):
+        self.write(*self.contents(cfg, pos, net, opt))
+        self.last, self._saved_step, self._wrote_newest = (pos.epoch, opt.t), opt.t, True
+
+    def contents(self, cfg, pos, net, opt):
+        """(arrays, meta) of a checkpoint at pos (see the module's docstring)."""
         arrays = {"params": net.params, **{f"optimizer.{k}": v for k, v in opt.state().items()}}
         if pos.best_params is not None:
             arrays["best.params"] = pos.best_params
@@ -92,17 +101,24 @@ class Checkpointer:
                             "n": pos.stats.n, "seconds": pos.seconds},
                 "history": pos.history, "best_epoch": pos.best_epoch, "stopped": pos.stopped,
                 "engine": self.engine, "run": self.run}
+        return arrays, meta
+
+    def write(self, arrays, meta):
+        """One checkpoint file, atomically, the newest before it kept as prev."""
         newest = self.dir / NEWEST
         try:
             self.dir.mkdir(parents=True, exist_ok=True)
             # Keep the newest as prev until the new one is complete; but never rotate a damaged
             # file over a good prev (a run resumed from prev finds the newest damaged).
-            if newest.exists() and (self._wrote_newest or _usable(newest)):
+            if newest.exists() and (self._wrote_newest or self.usable(newest)):
                 os.replace(newest, self.dir / PREVIOUS)
             io.save_checkpoint(newest, arrays, meta)
         except OSError as e:
             raise ParnnError(f"{self.dir}: cannot write a checkpoint: {e.strerror or e}") from None
-        self.last, self._saved_step, self._wrote_newest = (pos.epoch, opt.t), opt.t, True
+
+    def usable(self, path):
+        """Whether path is a checkpoint that passes every check (so it may become prev)."""
+        return _usable(path)
 
     def after_chunk(self, cfg, pos, net, opt):
         """Inside an epoch: save when `every` steps have passed, or a signal came (then stop)."""
@@ -211,6 +227,18 @@ def read(path) -> Checkpoint:
     """One checkpoint file, or ModelFileError saying what is wrong with it."""
     path = Path(path)
     arrays, meta = io.load_checkpoint(path)
+    if "members" in meta:   # every rank's state in one file: parnn.distributed reads it
+        d = meta.get("distributed") or {}
+        raise ConfigError(f"{path} is the checkpoint of a --distributed {d.get('mode')} run on "
+                          f"{d.get('ranks')} ranks: continue it with "
+                          f"`{resume_command(path.parent, d.get('mode'), d.get('ranks'))}`")
+    return parse(path, arrays, meta)
+
+
+def parse(path, arrays, meta) -> Checkpoint:
+    """A checkpoint from (arrays, meta) as io.load_checkpoint returns them, checked through and
+    through; ModelFileError saying what is wrong (read() reads a file; parnn.distributed keeps
+    every rank's (arrays, meta) in one file)."""
     try:
         return _parse(path, arrays, meta)
     except ModelFileError:
@@ -234,9 +262,11 @@ def _number(value, what):
 
 # Settings added after checkpoints were first written, and the values that reproduce what a
 # checkpoint without them did: no validation split, no early stopping, none of the training
-# ingredients (augmentation, dropout, label smoothing, weight decay, warm-up).
+# ingredients (augmentation, dropout, label smoothing, weight decay, warm-up), an MLP (no layer
+# list).
 LATER_SETTINGS = {"validation_split": 0.0, "early_stopping": None, "augment": "none",
-                  "dropout": 0.0, "label_smoothing": 0.0, "weight_decay": 0.0, "warmup_epochs": 0}
+                  "dropout": 0.0, "label_smoothing": 0.0, "weight_decay": 0.0, "warmup_epochs": 0,
+                  "layers": ""}
 
 
 def _parse(path, arrays, meta):
@@ -363,9 +393,11 @@ def _check_best(cfg, history, best_epoch, stopped, best, params):
         raise ValueError("tensor 'best.params' is not a finite buffer like 'params'")
 
 
-def load(directory, warn=None) -> Checkpoint:
+def load(directory, warn=None, reader=None) -> Checkpoint:
     """The newest usable checkpoint in `directory` (a checkpoint directory, or a run's output
-    directory holding checkpoints/), else the previous one (warn(message) says why)."""
+    directory holding checkpoints/), else the previous one (warn(message) says why).
+    reader(path): read() by default; parnn.distributed passes its own."""
+    reader = reader or read
     d = Path(directory)
     kind = path_kind(d, ModelFileError)
     if kind != "dir":
@@ -383,7 +415,7 @@ def load(directory, warn=None) -> Checkpoint:
         if not present[name]:
             continue
         try:
-            ck = read(d / name)
+            ck = reader(d / name)
         except ModelFileError as e:
             errors.append(str(e))
             continue

@@ -18,9 +18,10 @@ from parnn.paths import path_kind
 from parnn.run import checkpoint
 
 # What a resumed run keeps: a setting given again may repeat the saved value, not change it.
-KEPT_ON_RESUME = ("preset", "hidden", "activation", "output", "loss", "init", "dtype", "optimizer",
-                  "lr", "lr_schedule", "momentum", "batch_size", "validation_split",
-                  "early_stopping", "seed", "engine", "dataset", "limit_train", "limit_test")
+KEPT_ON_RESUME = ("preset", "hidden", "layers", "activation", "output", "loss", "init", "dtype",
+                  "optimizer", "lr", "lr_schedule", "warmup_epochs", "momentum", "weight_decay",
+                  "batch_size", "validation_split", "early_stopping", "seed", "augment",
+                  "dropout", "label_smoothing", "engine", "dataset", "limit_train", "limit_test")
 MAY_CHANGE = "--epochs, --threads, --checkpoint-every, --out, --data and --no-progress"
 
 
@@ -44,12 +45,20 @@ class RunRecord:
                    limit_test, str(Path(out).absolute()), checkpoint_every)
 
     @classmethod
-    def of_checkpoint(cls, ck):
+    def of_checkpoint(cls, ck, launched=False):
         """The record a checkpoint holds, checked; ModelFileError if it has none (a checkpoint
-        written by parnn.run.train.fit alone, not by `parnn train`)."""
+        written by parnn.run.train.fit alone, not by `parnn train`). launched: resumed by
+        parnn.distributed, which checks the ranks itself (check_ranks); a single process
+        refuses a --distributed run's checkpoint."""
         from parnn.data import DATASETS
 
         run = ck.run
+        d = run.get("distributed")
+        if d and not launched:
+            command = checkpoint.resume_command(ck.path.parent, d.get("mode"), d.get("ranks"))
+            raise ConfigError(f"{ck.path} is the checkpoint of a --distributed {d.get('mode')} "
+                              f"run on {d.get('ranks')} ranks; one process would sum each "
+                              f"batch's gradient in another order: continue it with `{command}`")
         counts_ok = all(run.get(k) is None or (type(run.get(k)) is int and run[k] >= 1)
                         for k in ("limit_train", "limit_test", "checkpoint_every"))
         if not (run.get("dataset") in DATASETS and isinstance(run.get("data_dir"), str)
@@ -115,3 +124,33 @@ def _show(value):
     if value is None:
         return "none"
     return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
+
+
+# What another number of ranks would change, per --distributed mode.
+RANKS_CHANGE = {
+    "allreduce": "each batch would be split into {size} parts and its gradient summed in "
+                 "another order, so the run would not continue bit for bit",
+    "average": "each batch would be split into {size} parts and the {ranks} replicas and their "
+               "optimizer states saved would not map onto {size} ranks",
+    "ensemble": "the ensemble would have {size} members, on other shards with other seeds, "
+                "instead of the {ranks} saved",
+}
+
+
+def check_ranks(saved, mode, size):
+    """A distributed run resumes its checkpoint (parnn.distributed.checkpoints.Saved) with the
+    same mode on the same number of ranks; ConfigError saying what would change otherwise."""
+    directory = saved.path.parent
+    d = saved.distributed
+    if not d:
+        raise ConfigError(f"{saved.path} is the checkpoint of a single-process run: continue it "
+                          f"with `{checkpoint.resume_command(directory)}`")
+    if d.get("mode") != mode:
+        command = checkpoint.resume_command(directory, d.get("mode"), d.get("ranks"))
+        raise ConfigError(f"{saved.path} is the checkpoint of a --distributed {d.get('mode')} "
+                          f"run, not {mode}: continue it with `{command}`")
+    if d.get("ranks") != size:
+        why = RANKS_CHANGE.get(mode, "").format(size=size, ranks=d.get("ranks"))
+        raise ConfigError(f"{saved.path} was trained on {d.get('ranks')} ranks, this job has "
+                          f"{size}: {why}; continue it with "
+                          f"`{checkpoint.resume_command(directory, mode, d.get('ranks'))}`")

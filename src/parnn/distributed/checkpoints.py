@@ -1,0 +1,232 @@
+"""Checkpoints of a --distributed run: one directory, written by rank 0 only (run/checkpoint.py's
+files, rotation and atomic writes).
+
+allreduce  every rank holds the same network and optimizer state: rank 0 writes an ordinary
+           checkpoint; its run record says {"distributed": {"mode", "ranks"}}.
+ensemble,  each rank holds its own state. Rank 0 gathers every rank's (arrays, meta), as
+average    Checkpointer.contents makes them, and writes ONE file: arrays "member.R.<name>",
+           meta {"checkpoint": 1, "distributed": {...}, "run": {...}, "members": [rank R's
+           meta, ...], "votes": [...]}; one file, one atomic rename, so every member is from
+           the same moment.
+
+The ranks decide together: after every chunk one small Allreduce(MAX) of (a signal seen, a
+checkpoint due), so they all save at the same boundary and all stop when SIGINT or SIGTERM
+reached any of them (mpiexec forwards both to every rank). The ensemble's members may cut
+their shards into different numbers of chunks; then they meet at epoch ends only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from parnn.errors import ConfigError, ModelFileError
+from parnn.run import checkpoint
+from parnn.run.checkpoint import Checkpointer, resume_command
+
+PREFIX = "member.{}."
+
+
+@dataclass
+class Saved:
+    """A distributed run's checkpoint read back: the mode and ranks it was trained on
+    (None: a single-process checkpoint), one Checkpoint per rank (one for allreduce), and
+    what else rank 0 saved (the ensemble's votes)."""
+
+    path: Path
+    distributed: dict | None
+    members: list
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def first(self):
+        return self.members[0]
+
+    @property
+    def finished(self):
+        return self.first.finished
+
+
+def read(path) -> Saved:
+    """A checkpoint file of either kind; ModelFileError saying what is wrong."""
+    from parnn import io
+
+    path = Path(path)
+    arrays, meta = io.load_checkpoint(path)
+    if "members" not in meta:
+        ck = checkpoint.parse(path, arrays, meta)
+        return Saved(path, ck.run.get("distributed"), [ck])
+    try:
+        d, metas = meta["distributed"], meta["members"]
+        if not (isinstance(d, dict) and isinstance(metas, list) and d.get("ranks") == len(metas)):
+            raise ValueError("the members do not match the ranks")
+        members = []
+        for r, m in enumerate(metas):
+            prefix = PREFIX.format(r)
+            mine = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            members.append(checkpoint.parse(path, mine, m))
+        if sum(len(m.arrays) for m in members) != len(arrays):
+            raise ValueError("tensors that belong to no member")
+        votes = meta.get("votes", [])
+        if not isinstance(votes, list):
+            raise ValueError("votes is not a list")
+    except ModelFileError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ModelFileError(f"{path}: not a usable parnn checkpoint ({e})") from None
+    return Saved(path, d, members, {"votes": votes})
+
+
+def load(directory, warn=None) -> Saved:
+    """The newest usable checkpoint in directory, else the previous one (run/checkpoint.py)."""
+    return checkpoint.load(directory, warn=warn, reader=read)
+
+
+def peek(directory):
+    try:
+        return load(directory)
+    except ModelFileError:
+        return None
+
+
+class RankCheckpointer(Checkpointer):
+    """Every rank's Checkpointer in a distributed run; only rank 0 writes (see the module's
+    docstring). members: each rank's own state goes into one file (ensemble, average);
+    extra(): more of rank 0's meta for that file (the ensemble's votes)."""
+
+    def __init__(self, comm, directory, every, run, mode, members=False, extra=None):
+        super().__init__(directory, every, run)
+        self.comm, self.mode, self.members = comm, mode, members
+        self.extra = extra or dict
+        self.in_chunks = True     # False: meet at epoch ends only (set before training)
+        self.distributed = run.get("distributed", {})
+
+    def _agree(self, due):
+        """(any rank saw a signal, any rank has a checkpoint due), the same on every rank."""
+        from mpi4py import MPI
+
+        flags = np.array([self.signum or 0, int(bool(due))], np.int64)
+        self.comm.Allreduce(MPI.IN_PLACE, flags, op=MPI.MAX)
+        if flags[0]:
+            self.signum = int(flags[0])
+        return bool(flags[1])
+
+    def after_chunk(self, cfg, pos, net, opt):
+        if not self.in_chunks:
+            return
+        due = self._agree(self.every and opt.t - self._saved_step >= self.every)
+        if self.signum is not None:
+            self.save(cfg, pos, net, opt)
+            raise self._interrupted(pos, opt)
+        if due:
+            self.save(cfg, pos, net, opt)
+
+    def after_epoch(self, cfg, pos, net, opt):
+        self._agree(False)
+        super().after_epoch(cfg, pos, net, opt)
+
+    def save(self, cfg, pos, net, opt):
+        arrays, meta = self.contents(cfg, pos, net, opt)
+        if self.members:
+            everyone = self.comm.gather((arrays, meta), root=0)
+            if everyone is not None:
+                arrays = {PREFIX.format(r) + k: v for r, (a, _) in enumerate(everyone)
+                          for k, v in a.items()}
+                meta = {"checkpoint": checkpoint.VERSION, "distributed": self.distributed,
+                        "run": self.run, "members": [m for _, m in everyone], **self.extra()}
+        if self.comm.Get_rank() == 0:
+            self.write(arrays, meta)
+        self.last, self._saved_step, self._wrote_newest = (pos.epoch, opt.t), opt.t, True
+
+    def usable(self, path):
+        try:
+            read(path)
+            return True
+        except (ModelFileError, ConfigError):
+            return False
+
+    def running(self, opt, pos, engine=None):
+        # A checkpoint names the engine whose arithmetic it continues: allreduce and average
+        # are the batch engine's.
+        return super().running(opt, pos, "batch" if engine in ("allreduce", "average")
+                               else engine)
+
+    def _interrupted(self, pos, opt):
+        err = super()._interrupted(pos, opt)
+        single = resume_command(self.dir)
+        err.args = (str(err).replace(single, self.command()),)
+        return err
+
+    def command(self):
+        return resume_command(self.dir, self.mode, self.comm.Get_size())
+
+
+@dataclass
+class Share:
+    """What one rank carries on from a checkpoint: its own Checkpoint (every rank the same one
+    for allreduce), the run's record, where its files go, and rank 0's extra (votes)."""
+
+    member: object
+    record: object
+    out: Path
+    ckdir: Path
+    extra: dict
+
+
+def resumed(opts, settings, comm, log):
+    """Rank 0 reads the checkpoint in opts.resume and checks it against this job (mode, ranks,
+    settings given again); every rank gets its Share. Returns (cfg, opts with the saved shards
+    or average_every, Share); on a problem rank 0 raises ConfigError and the others return
+    the exit status 2."""
+    from dataclasses import replace
+
+    from parnn.errors import ParnnError
+
+    rank, size = comm.Get_rank(), comm.Get_size()
+    shares, problem = None, None
+    if rank == 0:
+        try:
+            shares = _shares(opts, settings, size, log)
+        except ParnnError as e:
+            problem = str(e)
+        except Exception as e:   # a bug: still one line, and no rank left waiting
+            problem = f"{type(e).__name__}: {e}"
+    if opts.mode == "allreduce":   # one state for every rank: sent once, not size copies
+        got = comm.bcast(problem or (shares[0] if rank == 0 else None), root=0)
+    else:
+        got = comm.scatter(shares if problem is None and rank == 0 else
+                           [problem] * size if rank == 0 else None, root=0)
+    if isinstance(got, str) or got is None:
+        if rank == 0:
+            raise ConfigError(got or "the checkpoint could not be shared")
+        return 2
+    cfg, d, share = got
+    record = share.record
+    return cfg, replace(opts, shards=d.get("shards"), average_every=d.get("average_every"),
+                        dataset=record.dataset, limit_train=record.limit_train,
+                        limit_test=record.limit_test, checkpoint_dir=None), share
+
+
+def _shares(opts, settings, size, log):
+    from parnn.run.resume import RunRecord, check_ranks, resumed_config
+
+    saved = load(opts.resume, warn=lambda m: log(f"warning: {m}"))
+    check_ranks(saved, opts.mode, size)
+    d = saved.distributed
+    for flag, given, kept in (("--shards", opts.shards, d.get("shards")),
+                              ("--average-every", opts.average_every, d.get("average_every"))):
+        if given is not None and given != kept:
+            raise ConfigError(f"a resumed run keeps the settings of its checkpoint in "
+                              f"{saved.path.parent}, but {flag} {given} (it has {kept}): drop "
+                              "that flag")
+    first = saved.first
+    record = RunRecord.of_checkpoint(first, launched=True)
+    given = dict(settings, limit_train=opts.limit_train, limit_test=opts.limit_test)
+    cfg = resumed_config(first, record, given)
+    out = Path(opts.out or record.out)
+    if d.get("mode") == "allreduce":
+        return [(cfg, d, Share(first, record, out, saved.path.parent, {}))]
+    return [(cfg, d, Share(m, record, out, saved.path.parent, saved.extra if r == 0 else {}))
+            for r, m in enumerate(saved.members)]
