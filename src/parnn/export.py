@@ -1,6 +1,6 @@
 """ONNX export: a parnn model or ensemble as one ONNX graph (the `onnx` extra).
 
-    parnn.export.to_onnx("runs/modern/model.safetensors", "model.onnx")
+    parnn.export.to_onnx("runs/accurate/model.safetensors", "model.onnx")
     parnn.export.to_onnx(model)              # a parnn.Model; returns the onnx.ModelProto
 
 The graph computes what parnn.run.api.Model.predict_proba and predict do:
@@ -10,7 +10,9 @@ The graph computes what parnn.run.api.Model.predict_proba and predict do:
     per network    a = Gemm(a, layers.l.weight, layers.l.bias, transB=1): a @ W.T + b, then
                    Relu | Tanh | Sigmoid, the last layer's Softmax | Tanh | Sigmoid; the
                    initializers carry the model file's tensor names (members.k. in front for
-                   an ensemble's member k)
+                   an ensemble's member k). A layer list (a CNN): Reshape to parnn's NHWC
+                   image and Transpose to NCHW, Conv (kernels transposed to OIHW) + its
+                   activation, MaxPool 2x2, Transpose back to NHWC + Flatten, then Gemms
     ensemble       soft vote: Sum of the members' outputs / K, before the mapping below
     probabilities  (N, classes) float32. A softmax output as it is; a tanh output + 1, a
                    sigmoid output as it is, each divided by its row's sum, a row summing to
@@ -20,8 +22,9 @@ The graph computes what parnn.run.api.Model.predict_proba and predict do:
 
 A float64 network computes in double inside the graph (Cast after the input, Cast before the
 probabilities), so its labels are parnn's; dtype="float32" exports it in float32 instead, for
-runtimes without double kernels. The model's metadata_props hold parnn_version, classes and
-class_names (JSON), inputs, spec, members and the parameters' sha256 digests.
+runtimes without double kernels. A float64 CNN is exported in float32 unless dtype="float64"
+is asked for: onnxruntime has no double Conv. The model's metadata_props hold parnn_version,
+classes and class_names (JSON), inputs, spec, members and the parameters' sha256 digests.
 """
 
 from __future__ import annotations
@@ -46,13 +49,16 @@ def to_onnx(model_or_path, path=None, opset=DEFAULT_OPSET, dtype=None):
     or an ensemble), written to `path` (atomically) when given.
 
     opset: the ONNX operator set, 13 to the newest the installed onnx knows (17 by default).
-    dtype: None computes in the network's dtype; "float32" casts a float64 network's weights.
+    dtype: None computes in the network's dtype (a CNN's in float32); "float32" casts a float64
+    network's weights.
     ParnnError (one line) for a file that is not a model, a path that cannot be written, a
     missing onnx package; ConfigError (also a ValueError) for a bad opset or dtype."""
     onnx = _onnx()
     model = _model(model_or_path)
     opset = _opset(onnx, opset)
-    compute = _dtype(model.spec.dtype if dtype is None else dtype)
+    # onnxruntime has no double Conv kernel: a float64 CNN computes in float32 unless asked.
+    default = "float32" if model.spec.arch else model.spec.dtype
+    compute = _dtype(default if dtype is None else dtype)
     proto = _Graph(onnx, compute).build(model)
     proto = onnx.helper.make_model_gen_version(
         proto, opset_imports=[onnx.helper.make_opsetid("", opset)], producer_name="parnn",
@@ -129,7 +135,10 @@ class _Graph:
         """The output layer of one network for input x (a name)."""
         spec = net.spec
         for name, array in io.layer_tensors(spec, net.params, prefix).items():
-            self.const(name, array)
+            # a conv kernel: parnn's (C_out, k, k, C_in) as ONNX's (C_out, C_in, k, k)
+            self.const(name, array.transpose(0, 3, 1, 2) if array.ndim == 4 else array)
+        if spec.arch:
+            return self.layer_list(spec, x, prefix)
         for l in range(spec.n_layers):
             layer = f"{prefix}layers.{l}"
             x = self.op("Gemm", [x, f"{layer}.weight", f"{layer}.bias"], f"{layer}.z", transB=1)
@@ -143,6 +152,49 @@ class _Graph:
             if op is not None:
                 x = self.op(op, [x], f"{layer}.{act}", **({"axis": -1} if op == "Softmax" else {}))
         return x
+
+    def layer_list(self, spec, x, prefix):
+        """A layer list (parnn.core.conv): parnn's images are NHWC, ONNX's Conv and MaxPool
+        NCHW, so the rows are reshaped to (N, H, W, C) and transposed to NCHW once, and
+        transposed back before Flatten, which must flatten in parnn's (h, w, c) order."""
+        layers = spec.layers(compiled=False)
+        act = None
+        for l, layer in enumerate(layers):
+            name = f"{prefix}layers.{l}"
+            kind = type(layer).__name__
+            if kind in ("Conv2D", "MaxPool2D") and act != "nchw":
+                shape = self.const(f"{name}.image_shape", [-1, *layer.in_shape], np.int64)
+                x = self.op("Reshape", [x, shape], f"{name}.nhwc")
+                x = self.op("Transpose", [x], f"{name}.nchw", perm=[0, 3, 1, 2])
+                act = "nchw"
+            if kind == "Conv2D":
+                x = self.op("Conv", [x, f"{name}.weight", f"{name}.bias"], f"{name}.z",
+                            kernel_shape=[layer.k, layer.k], pads=[layer.pad] * 4,
+                            strides=[1, 1])
+                x = self.activation(x, name, layer.activation, last=False)
+            elif kind == "MaxPool2D":
+                x = self.op("MaxPool", [x], f"{name}.pool", kernel_shape=[2, 2], strides=[2, 2])
+            elif kind == "Flatten":
+                x = self.op("Transpose", [x], f"{name}.nhwc", perm=[0, 2, 3, 1])
+                x = self.op("Flatten", [x], f"{name}.flat", axis=1)
+                act = None
+            elif kind == "Dense":
+                x = self.op("Gemm", [x, f"{name}.weight", f"{name}.bias"], f"{name}.z", transB=1)
+                last = l == len(layers) - 1
+                x = self.activation(x, name, spec.output if last else layer.activation, last)
+            else:
+                raise ConfigError(f"cannot export a {kind} layer to ONNX")
+        return x
+
+    def activation(self, x, name, act, last):
+        ops = OUTPUT_OPS if last else HIDDEN_OPS
+        if act not in ops and not (act == "identity" and not last):
+            raise ConfigError(f"cannot export the {act} {'output' if last else 'hidden'} "
+                              "activation to ONNX")
+        op = ops.get(act)
+        if op is None:
+            return x
+        return self.op(op, [x], f"{name}.{act}", **({"axis": -1} if op == "Softmax" else {}))
 
     def probabilities(self, out, output, n_classes):
         """parnn.run.api.probabilities, op for op: a softmax output as it is, an identity
@@ -194,7 +246,9 @@ def _doc(model, dtype):
     spec = model.spec
     what = f"an ensemble of {len(model.nets)} networks (soft vote)" if len(model.nets) > 1 \
         else "a network"
-    return (f"parnn {__version__}: {what} {'-'.join(map(str, spec.sizes))}, {spec.hidden} "
+    shape = f"{spec.sizes[0]}-[{spec.arch}]-{spec.sizes[-1]}" if spec.arch else \
+        '-'.join(map(str, spec.sizes))
+    return (f"parnn {__version__}: {what} {shape}, {spec.hidden} "
             f"hidden, {spec.output} output, computed in {dtype.name}. input: (N, {spec.sizes[0]}) "
             f"float32 ({model.inputs}); probabilities: (N, {spec.sizes[-1]}) as "
             "parnn's Model.predict_proba; label: argmax, an index into classes.")

@@ -18,7 +18,11 @@ Tensors, layout "layers" (what format 3 writes): layer l of a model is "layers.{
 shape (out, in), row j holding neuron j's incoming weights, and "layers.{l}.bias", shape
 (out,): y = act(x @ weight.T + bias), act = spec["hidden"] for every layer but the last and
 spec["output"] for the last. That is torch.nn.Linear's convention, so a PyTorch user maps the
-tensors one to one. Member k of an ensemble is "members.{k}.layers.{l}.weight" and so on, with
+tensors one to one. A network with a layer list (spec["arch"], parnn.core.conv) numbers its
+layers as the list does, pooling and flatten layers included (they have no tensors), as
+torch.nn.Sequential would; a conv layer's weight is 4-D, (C_out, k, k, C_in) ("OHWI", images
+being channels-last: .permute(0, 3, 1, 2) gives PyTorch's Conv2d weight), its bias (C_out,).
+Member k of an ensemble is "members.{k}.layers.{l}.weight" and so on, with
 ONE spec shared by all members (save_ensemble refuses mixed specs). In parnn's flat buffer
 these tensors follow each other in the order weight 0, bias 0, weight 1, ... (core/model.py),
 so a model is read straight into ONE flat buffer, which the tensors become views of, and
@@ -139,11 +143,11 @@ def _tensor_layout(spec, layout, prefix=""):
     The offsets come from the spec (core/model.py's layout), so nothing here repeats it."""
     if layout == "flat":
         return [(prefix + "params", (spec.n_params,), 0)]
-    starts, _ = spec.offsets()
-    entries = []
-    for l, ((n_out, n_in), (w, b)) in enumerate(zip(spec.shapes(), starts)):
-        entries.append((f"{prefix}layers.{l}.weight", (n_out, n_in), w))
-        entries.append((f"{prefix}layers.{l}.bias", (n_out,), b))
+    entries, o = [], 0
+    for l, layer in enumerate(spec.layers(compiled=False)):   # l counts pool and flatten too
+        for name, shape in zip(("weight", "bias"), layer.shapes):
+            entries.append((f"{prefix}layers.{l}.{name}", shape, o))
+            o += math.prod(shape)
     return entries
 
 
@@ -334,10 +338,15 @@ def network_spec(path, d) -> Spec:
     """The network Spec stored as dict d (a model's header["spec"], a checkpoint's
     meta["spec"]), or ModelFileError naming path. Every field must be present."""
     names = {f.name for f in fields(Spec)}
-    # A missing field would silently take Spec's default.
-    if not isinstance(d, dict) or set(d) != names:
+    # A missing field would silently take Spec's default; only "arch" may be absent (an MLP's
+    # spec has none, so files from before layer lists read as they are).
+    if not isinstance(d, dict) or not names - {"arch"} <= set(d) <= names:
         raise ModelFileError(f"{shown(path)}: the network spec is missing or malformed "
-                             f"(expected fields {', '.join(sorted(names))})")
+                             f"(expected fields {', '.join(sorted(names - {'arch'}))}"
+                             ", and arch for a layer list)")
+    if "arch" in d and (not isinstance(d["arch"], str) or not d["arch"]):
+        raise ModelFileError(f"{shown(path)}: invalid network spec: arch must be a non-empty "
+                             "layer list")
     if not isinstance(d["sizes"], list) or any(type(s) is not int for s in d["sizes"]):
         raise ModelFileError(f"{shown(path)}: invalid network spec: sizes must be a list of "
                              "integers")

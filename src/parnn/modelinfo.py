@@ -47,10 +47,8 @@ def model_info(path) -> dict:
         "layout": header.get("layout", "flat"),
         "sizes": list(spec.sizes), "hidden": spec.hidden, "output": spec.output,
         "loss": spec.loss, "dtype": spec.dtype,
-        "layers": [{"name": f"layers.{l}", "kind": "dense", "inputs": n_in, "outputs": n_out,
-                    "activation": spec.activation(l), "weight": [n_out, n_in], "bias": [n_out],
-                    "params": n_out * n_in + n_out}
-                   for l, (n_out, n_in) in enumerate(spec.shapes())],
+        "arch": spec.arch or None,
+        "layers": _layers(spec),
         "n_params": spec.n_params, "n_params_total": spec.n_params * len(nets),
         "classes": meta.get("classes") if isinstance(meta.get("classes"), list) else None,
         "class_names": meta.get("class_names") if isinstance(meta.get("class_names"), list)
@@ -65,6 +63,28 @@ def model_info(path) -> dict:
         "accuracy": accuracy,
         "params_sha256": [params_sha256(n.params) for n in nets],
     }
+
+
+_KINDS = {"Dense": "dense", "Conv2D": "conv", "MaxPool2D": "pool", "Flatten": "flatten"}
+
+
+def _layers(spec):
+    """One entry per layer: inputs and outputs are a dense layer's sizes, an image layer's
+    [height, width, channels]; weight and bias shapes, None for a layer without parameters."""
+    rows = []
+    for l, layer in enumerate(spec.layers(compiled=False)):
+        kind = _KINDS.get(type(layer).__name__, type(layer).__name__)
+        shapes = [list(s) for s in layer.shapes] or [None, None]
+        ins = layer.n_in if kind == "dense" else list(layer.in_shape)
+        outs = layer.out_shape[0] if len(layer.out_shape) == 1 else list(layer.out_shape)
+        rows.append({"name": f"layers.{l}", "kind": kind, "inputs": ins, "outputs": outs,
+                     "activation": spec.activation(l) if kind in ("dense", "conv") else None,
+                     "weight": shapes[0], "bias": shapes[1], "params": layer.n_params})
+    return rows
+
+
+def _size(x):
+    return "x".join(map(str, x)) if isinstance(x, list) else str(x)
 
 
 def _number(x):
@@ -105,15 +125,26 @@ def info_text(info) -> str:
     writer = f", written by {shown(info['writer'])}" if info["writer"] else ""
     lines.append(f"{shown(info['path'])}: parnn {what}, format {info['format']}{writer}")
     prefix = "members.K." if info["kind"] == "ensemble" else ""
-    row("tensors", f"per layer: {prefix}layers.L.weight (out, in), {prefix}layers.L.bias (out,)"
+    row("tensors", f"per layer: {prefix}layers.L.weight (out, in)"
+        f"{' or conv (out, k, k, in)' if info.get('arch') else ''}, {prefix}layers.L.bias (out,)"
         if info["layout"] == "layers" else
         f"one flat buffer per network ({'memberK.' if prefix else ''}params: format 1 or 2)")
-    row("network", f"{'-'.join(map(str, info['sizes']))}: {info['hidden']} hidden, "
+    arch = info.get("arch")
+    sizes = info["sizes"]
+    net = f"{sizes[0]}-[{shown(arch)}]-{sizes[-1]}" if arch else '-'.join(map(str, sizes))
+    row("network", f"{net}: {info['hidden']} hidden, "
         f"{info['output']} output, {info['loss']} loss, {info['dtype']}")
     width = max(len(f"{layer['params']:,}") for layer in info["layers"])
+    kw = max(len(layer["kind"]) for layer in info["layers"])
     for i, layer in enumerate(info["layers"]):
+        if layer["weight"] is None:      # pool, flatten: no parameters
+            row("layers" if i == 0 else "",
+                f"{layer['name']:<9} {layer['kind']:<{kw}} {_size(layer['inputs']):>5} -> "
+                f"{_size(layer['outputs'])}")
+            continue
         row("layers" if i == 0 else "",
-            f"{layer['name']:<9} dense {layer['inputs']:>5} -> {layer['outputs']:<5} "
+            f"{layer['name']:<9} {layer['kind']:<{kw}} {_size(layer['inputs']):>5} -> "
+            f"{_size(layer['outputs']):<5} "
             f"{layer['activation']:<8} weight {tuple(layer['weight'])!s:<12} "
             f"bias {tuple(layer['bias'])!s:<8} {layer['params']:>{width},}")
     size = info["n_params"] * np.dtype(info["dtype"]).itemsize

@@ -7,6 +7,10 @@ n_in = sizes[l], n_out = sizes[l+1]):
 
     [ W_0 (n_out x n_in, row-major: row j = the weights of neuron j) | b_0 (n_out) | W_1 | b_1 | ... ]
 
+A network with a layer list (Spec.arch, parnn.core.conv) lays out its layers the same way, in
+list order: a conv layer's W is (C_out, k, k, C_in), then its b (C_out); pooling and flatten
+layers have no parameters and take no room.
+
 The network is the list of layer objects of parnn.core.layers (each kind's forward and backward
 side by side) followed by the output activation and loss of parnn.core.losses. B = samples:
 
@@ -24,6 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from parnn.core.conv import parse_layers
 from parnn.core.layers import ACTIVATIONS, Dense, param_views
 from parnn.core.losses import LOSSES as LOSS_KINDS
 from parnn.errors import ConfigError
@@ -39,13 +44,19 @@ DTYPES = ("float32", "float64")
 
 @dataclass(frozen=True)
 class Spec:
-    """What a network is: enough to rebuild it from a model file."""
+    """What a network is: enough to rebuild it from a model file.
+
+    arch: "" for an MLP of dense layers of `sizes`; or a layer list such as
+    "conv32:3,pool,conv64:3,pool,dense128" (parnn.core.conv.parse_layers), with sizes then just
+    (inputs, outputs): the list runs from the inputs (a square image) to a linear dense layer
+    of `outputs`, which it does not spell."""
 
     sizes: tuple[int, ...] = (784, 256, 128, 10)
     hidden: str = "tanh"
     output: str = "tanh"
     loss: str = "mse"
     dtype: str = "float64"
+    arch: str = ""
 
     def __post_init__(self):
         object.__setattr__(self, "sizes", tuple(int(s) for s in self.sizes))
@@ -63,39 +74,62 @@ class Spec:
         if self.loss == "cross_entropy" and self.output != "softmax":
             raise ConfigError(f"loss cross_entropy needs output softmax (got output {self.output}); "
                               "use --loss mse with tanh or sigmoid outputs")
+        if not isinstance(self.arch, str):
+            raise ConfigError(f"the layer list must be a string like conv32:3,pool,dense128, "
+                              f"got {self.arch!r}")
+        if self.arch:
+            if len(self.sizes) != 2:
+                raise ConfigError("a layer list replaces the hidden sizes: the sizes are then "
+                                  f"(inputs, outputs), got {','.join(map(str, self.sizes))}")
+            parse_layers(self.arch, *self.sizes, self.hidden, compiled=False)
 
     @property
     def n_layers(self):
-        return len(self.sizes) - 1
+        return len(self.layers(compiled=False)) if self.arch else len(self.sizes) - 1
 
     def activation(self, layer):
         return self.output if layer == self.n_layers - 1 else self.hidden
 
     def shapes(self):
-        """(n_out, n_in) of each layer's W."""
-        return [(self.sizes[l + 1], self.sizes[l]) for l in range(self.n_layers)]
+        """The shape of each W: (n_out, n_in) of a dense layer, (C_out, k, k, C_in) of a conv
+        layer (layers without parameters have none)."""
+        if not self.arch:
+            return [(self.sizes[l + 1], self.sizes[l]) for l in range(self.n_layers)]
+        return [layer.shapes[0] for layer in self.layers(compiled=False) if layer.shapes]
 
     def offsets(self):
-        """Start of each layer's W and b in the flat buffer, and the total size."""
+        """Start of each W and b in the flat buffer (as shapes() lists them), and the total size."""
         starts, o = [], 0
-        for n_out, n_in in self.shapes():
-            starts.append((o, o + n_out * n_in))
-            o += n_out * n_in + n_out
+        for shape in self.shapes():
+            n_w = int(np.prod(shape))
+            starts.append((o, o + n_w))
+            o += n_w + shape[0]
         return starts, o
 
     @property
     def n_params(self):
         return self.offsets()[1]
 
-    def layers(self):
+    def layers(self, compiled=True):
         """The network as layer objects: Dense layers with the hidden activation, the last one
-        linear (its output activation goes with the loss, see parnn.core.losses)."""
+        linear (its output activation goes with the loss, see parnn.core.losses); or arch's
+        (compiled=False: conv layers that run the NumPy reference, and Numba is not imported)."""
+        if self.arch:
+            return parse_layers(self.arch, *self.sizes, self.hidden, compiled)
         return [Dense(n_in, n_out, self.hidden if l < self.n_layers - 1 else "identity")
                 for l, (n_out, n_in) in enumerate(self.shapes())]
+
+    def shape_text(self):
+        """How the architecture reads: 784-256-128-10, or 784-[conv32:3,pool,dense128]-10."""
+        if self.arch:
+            return f"{self.sizes[0]}-[{self.arch}]-{self.sizes[-1]}"
+        return "-".join(map(str, self.sizes))
 
     def to_dict(self):
         d = asdict(self)
         d["sizes"] = list(self.sizes)
+        if not self.arch:       # an MLP's dict as before layer lists: old readers load it
+            del d["arch"]
         return d
 
 
@@ -105,8 +139,9 @@ def _choice(what, value, allowed):
 
 
 def views(spec, flat):
-    """Per-layer (W, b) views into a flat buffer of spec's layout. No copies."""
-    Ws, bs = zip(*param_views(spec.layers(), flat))
+    """Per-layer (W, b) views into a flat buffer of spec's layout (layers with parameters).
+    No copies."""
+    Ws, bs = zip(*[p for p in param_views(spec.layers(compiled=False), flat) if p])
     return list(Ws), list(bs)
 
 
@@ -118,12 +153,14 @@ def init_params(spec, scheme="xavier", seed=0):
             and nothing ever learns; kept to reproduce that.
     xavier: U(+-sqrt(6 / (fan_in + fan_out))), biases 0 (Glorot & Bengio 2010).
     he:     N(0, 2 / fan_in), biases 0 (He et al. 2015), for ReLU.
+    A conv layer's fans are k*k*C_in and k*k*C_out (its `fans`), as in PyTorch and Keras.
     """
     _choice("init", scheme, INITS)
     rng = np.random.default_rng(seed)
     flat = np.zeros(spec.n_params, dtype=spec.dtype)
-    for W, b in zip(*views(spec, flat)):
-        n_out, n_in = W.shape
+    layers = [layer for layer in spec.layers(compiled=False) if layer.shapes]
+    for layer, (W, b) in zip(layers, zip(*views(spec, flat))):
+        n_in, n_out = getattr(layer, "fans", (layer.shapes[0][1], layer.shapes[0][0]))
         if scheme == "paper":
             W[...] = rng.random(W.shape)
             b[...] = rng.random(b.shape)
@@ -148,7 +185,8 @@ class MLP:
             raise ValueError("params must be a contiguous buffer of the spec's dtype")
         self.layers = spec.layers()
         self.layer_params = param_views(self.layers, self.params)   # each layer's (W, b)
-        self.W, self.b = [p[0] for p in self.layer_params], [p[1] for p in self.layer_params]
+        self.W = [p[0] for p in self.layer_params if p]     # layers with parameters
+        self.b = [p[1] for p in self.layer_params if p]
         self.loss = LOSS_KINDS[spec.loss]
         self._grad = (None, None)                          # the last gradient buffer, its views
 
@@ -168,12 +206,14 @@ class MLP:
         ACTIVATIONS[self.spec.output](acts[-1])             # p = output(z), over z
         return acts
 
-    def backward(self, acts, Y, grad, scale=None, deltas=None):
+    def backward(self, acts, Y, grad, scale=None, deltas=None, on_layer=None):
         """Fill the flat `grad` buffer with dL/dparams for the batch; return the summed loss.
 
         scale defaults to 1/B (the mean loss); engines pass other scales when they split a
         batch. deltas: None, or one preallocated scratch buffer per layer, shaped like `out`
-        in forward, for the deltas.
+        in forward, for the deltas. on_layer(l, g_l): called as soon as layer l's gradient
+        views g_l are final (last layer first), so MPI can start reducing them while the
+        layers below are still computed.
         """
         B = len(Y)
         scale = 1.0 / B if scale is None else scale
@@ -187,6 +227,8 @@ class MLP:
             dx = None if deltas is None or l == 0 else deltas[l - 1]
             dy = self.layers[l].backward(self.layer_params[l], acts[l], acts[l + 1], dy, g[l],
                                          dx, propagate=l > 0)
+            if on_layer is not None:
+                on_layer(l, g[l])
         return loss
 
     def _grad_views(self, grad):
@@ -196,7 +238,9 @@ class MLP:
         return self._grad[1]
 
     def output(self, X, batch=4096):
-        """The output layer for X, in chunks so a test set needs little memory."""
+        """The output layer for X, in chunks so a test set needs little memory (a conv net's
+        layers are images: 4096 of them would be hundreds of MB, so 256)."""
+        batch = min(batch, 256) if self.spec.arch else batch
         outs = [self.forward(X[i:i + batch])[-1] for i in range(0, len(X), batch)]
         return np.concatenate(outs) if outs else np.empty((0, self.spec.sizes[-1]), self.dtype)
 

@@ -22,8 +22,8 @@ from parnn.core.optim import OPTIMIZERS
 from parnn.engines import PER_SAMPLE, available, make_engine
 from parnn.errors import ConfigError
 
-PRESET_NAMES = ("paper", "modern")
-DEFAULT_PRESET = "modern"
+PRESET_NAMES = ("paper", "modern", "accurate")
+DEFAULT_PRESET = "accurate"
 LR_SCHEDULES = ("constant", "cosine", "warmup-cosine")
 # On-the-fly augmentation (parnn.engines.augment): whole-pixel shifts of up to 1 or 2 pixels per
 # axis, and/or a left-right mirror with probability 1/2.
@@ -100,6 +100,23 @@ class Sizes:
                 raise ConfigError(f"{self.what} must be {size.text(v)}, got {_show(value)}")
 
 
+@dataclass(frozen=True)
+class LayerList:
+    """A layer list as parnn.core.conv.parse_layers spells it, or "" (an MLP of --hidden);
+    Spec checks the spelling, when TrainConfig makes its spec."""
+
+    what: str
+
+    def check(self, value):
+        if not isinstance(value, str):
+            raise ConfigError(f"{self.what} must be a string like {CNN_LAYERS}, got {_show(value)}")
+
+
+# What `--model cnn` trains: two 3x3 conv layers (32 and 64 channels, each followed by 2x2
+# max-pooling), a dense layer of 128, then the output layer (Fashion-MNIST's benchmark shape).
+CNN_LAYERS = "conv32:3,pool,conv64:3,pool,dense128"
+
+
 def _show(value):
     return repr(list(value)) if isinstance(value, tuple) else repr(value)
 
@@ -110,6 +127,7 @@ _ALSO_TEXT = {None: "None (off)"}
 CONSTRAINTS = {
     "preset":      OneOf("preset", PRESET_NAMES),
     "hidden":      Sizes("hidden layer sizes"),
+    "layers":      LayerList("layer list"),
     "activation":  OneOf("hidden activation", HIDDEN_ACTIVATIONS),
     "output":      OneOf("output activation", OUTPUT_ACTIVATIONS),
     "loss":        OneOf("loss", LOSSES),
@@ -146,11 +164,14 @@ def usable_cores():
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every setting of a training run. The defaults are the modern preset; each is checked
-    against CONSTRAINTS when the config is made."""
+    """Every setting of a training run. The field defaults are the modern preset (the default
+    preset, `accurate`, is MODERN with a few settings changed); each is checked against
+    CONSTRAINTS when the config is made."""
 
     preset: str = "modern"
     hidden: tuple = (256, 128)
+    # A layer list such as CNN_LAYERS ("" = an MLP of `hidden`, which a layer list replaces).
+    layers: str = ""
     activation: str = "relu"
     output: str = "softmax"
     loss: str = "cross_entropy"
@@ -188,6 +209,13 @@ class TrainConfig:
         for name, allowed in CONSTRAINTS.items():
             allowed.check(getattr(self, name))
         self.spec()   # and the pairs Spec refuses (cross-entropy needs a softmax output)
+        if self.layers and self.engine in PER_SAMPLE:
+            raise ConfigError(f"engine {self.engine} trains dense layers sample by sample; a "
+                              "layer list (--layers, --model cnn) trains with --engine batch "
+                              "or numpy")
+        if self.layers and self.dropout:
+            raise ConfigError("--dropout follows each hidden dense layer of an MLP and does not "
+                              "apply to a layer list (--layers, --model cnn) yet: drop --dropout")
         if self.warmup_epochs and self.lr_schedule != "warmup-cosine":
             raise ConfigError(f"warm-up epochs apply to lr schedule warmup-cosine (the schedule "
                               f"is {self.lr_schedule}): add --lr-schedule warmup-cosine or drop "
@@ -204,6 +232,9 @@ class TrainConfig:
                               f"{self.loss}): add --loss cross_entropy or drop --label-smoothing")
 
     def spec(self, n_in=784, n_out=10):
+        if self.layers:
+            return Spec((n_in, n_out), self.activation, self.output, self.loss, self.dtype,
+                        self.layers)
         return Spec((n_in, *self.hidden, n_out), self.activation, self.output, self.loss, self.dtype)
 
     def to_dict(self):
@@ -220,7 +251,11 @@ MODERN = TrainConfig()
 PAPER = TrainConfig(preset="paper", hidden=(256, 128), activation="tanh", output="tanh",
                     loss="mse", init="xavier", dtype="float64", optimizer="sgd", lr=0.01,
                     lr_schedule="constant", batch_size=1, epochs=1, validation_split=0.0)
-PRESETS = {"paper": PAPER, "modern": MODERN}
+# The default: the modern preset, wider and trained twice as long, with label smoothing, AdamW's
+# decay and a warm-up, each chosen on a validation split (docs/ACCURACY.md, "Ablation").
+ACCURATE = replace(MODERN, preset="accurate", hidden=(512, 256), epochs=30, label_smoothing=0.1,
+                   weight_decay=5e-2, lr_schedule="warmup-cosine", warmup_epochs=2)
+PRESETS = {"paper": PAPER, "modern": MODERN, "accurate": ACCURATE}
 
 
 def make_config(preset=DEFAULT_PRESET, **overrides):
@@ -241,12 +276,34 @@ def resolve(config=None, **overrides):
     return override(config, **overrides)
 
 
+# Settings that only apply beside another one. When a caller changes what one depends on (the
+# default preset's label smoothing meets --loss mse, say), the value cfg had gives way (off);
+# a value the caller gives must still fit, and TrainConfig says why when it does not.
+APPLIES_ONLY = {
+    "warmup_epochs": lambda c: c["lr_schedule"] == "warmup-cosine",
+    "weight_decay": lambda c: c["optimizer"] == "adam",
+    "label_smoothing": lambda c: c["loss"] == "cross_entropy",
+}
+
+
 def override(cfg, **overrides):
-    """cfg with some settings replaced (None means 'keep cfg's'), checked."""
+    """cfg with some settings replaced (None means 'keep cfg's'), checked.
+
+    What cfg set and the caller did not follows the caller's changes: settings that no longer
+    apply (APPLIES_ONLY) are switched off, and a warm-up keeps its share of the epochs when
+    only --epochs changes (2 of 30 becomes 1 of 15, 0 of 3: always fewer than the epochs)."""
     unknown = set(overrides) - {f.name for f in fields(TrainConfig) if f.name != "preset"}
     if unknown:
         raise ConfigError(f"unknown setting(s): {', '.join(sorted(unknown))}")
     given = {k: v for k, v in overrides.items() if v is not None}
+    merged = {**asdict(cfg), **given}
+    for name, applies in APPLIES_ONLY.items():
+        if name not in given and merged[name] and not applies(merged):
+            given[name] = type(merged[name])(0)
+    if ("epochs" in given and "warmup_epochs" not in given and cfg.warmup_epochs
+            and isinstance(given["epochs"], int) and given["epochs"] >= 1):
+        share = round(cfg.warmup_epochs * given["epochs"] / cfg.epochs)
+        given["warmup_epochs"] = min(share, given["epochs"] - 1)
     cfg = replace(cfg, **given)
     if "momentum" in given and cfg.optimizer != "momentum":
         raise ConfigError(f"a momentum coefficient only applies to optimizer momentum "
@@ -347,7 +404,8 @@ def pick_engine(cfg, spec, n_train):
         engine = make_engine(cfg.engine, **engine_options(cfg, cfg.engine))
         engine.check(spec, cfg.optimizer, bs)
         return engine
-    prefs = AUTO_PER_SAMPLE if bs == 1 and cfg.optimizer == "sgd" else AUTO_BATCH
+    per_sample = bs == 1 and cfg.optimizer == "sgd" and not spec.arch   # dense layers only
+    prefs = AUTO_PER_SAMPLE if per_sample else AUTO_BATCH
     for name in prefs:
         try:
             engine = make_engine(name, **engine_options(cfg, name))
