@@ -139,7 +139,7 @@ BAD = [
     (T + ["--shards", "bootstrap"], "--shards only applies to --distributed ensemble"),
     (["train", "--data", "{w}/data", "--out", "{w}/run", "--distributed", "allreduce", "--shards",
       "bootstrap"], "--shards only applies to --distributed ensemble"),
-    (T + ["--distributed", "ensemble"], "--checkpoint-every do not work with --distributed"),
+    (T + ["--average-every", "4"], "--average-every only applies to --distributed average"),
     (T + ["--lr-schedule", "step"], "constant, cosine"),
     (T + ["--seed", "-1"], "seed must be an integer >= 0"),
     (T + ["--checkpoint-every", "0"], "--checkpoint-every must be >= 1"),
@@ -374,9 +374,10 @@ def test_train_help_groups_the_flags_and_shows_each_presets_defaults(capsys):
     for group in ("model", "training", "data", "output", "distributed"):
         assert f"\n{group}:" in raw, group
     out = " ".join(raw.split())   # argparse wraps lines where it likes
-    assert "learning rate (paper: 0.01; modern: 0.001)" in out
-    assert "(paper: 0.0; modern: 0.1)" in out                       # --validation-split
-    assert "hidden layer sizes (every preset: 256,128)" in out
+    assert "learning rate (paper: 0.01; modern: 0.001; accurate: 0.001)" in out
+    assert "(paper: 0.0; modern: 0.1; accurate: 0.1)" in out        # --validation-split
+    assert "hidden layer sizes (paper: 256,128; modern: 256,128; accurate: 512,256)" in out
+    assert "(every preset: 1)" in out                               # --seed
     assert "owner" in out and "--test-every-epoch" in out
 
 
@@ -385,7 +386,10 @@ def test_train_help_groups_the_flags_and_shows_each_presets_defaults(capsys):
                               "early-stopping": "off", "epochs": "15", "hidden": "256,128"}),
     (["--preset", "paper"], {"preset": "paper", "validation-split": "0.0", "batch-size": "1"}),
     (["--lr", "0.5", "--early-stopping", "3", "--hidden", "64,32"],
-     {"preset": "modern", "lr": "0.5", "early-stopping": "3", "hidden": "64,32"}),
+     {"preset": "accurate", "lr": "0.5", "early-stopping": "3", "hidden": "64,32",
+      "epochs": "30", "label-smoothing": "0.1"}),
+    (["--epochs", "15", "--loss", "mse", "--output", "tanh"],
+     {"preset": "accurate", "warmup-epochs": "1", "label-smoothing": "0.0"}),
 ])
 def test_show_config_prints_the_resolved_settings_and_trains_nothing(args, shown, tmp_path,
                                                                      monkeypatch, capsys):

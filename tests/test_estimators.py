@@ -133,7 +133,8 @@ def test_a_preset_trains_what_parnn_train_trains(blobs, settings):
     X = X.astype(np.float32)
     clf = MLPClassifier(preset="modern", hidden_layer_sizes=(8,), max_iter=4, random_state=1,
                         engine="numpy", n_threads=1, **settings).fit(X, y)
-    model, history = parnn.train(X, y, inputs="features", hidden=(8,), epochs=4, seed=1,
+    model, history = parnn.train(X, y, config="modern", inputs="features", hidden=(8,),
+                                 epochs=4, seed=1,
                                  engine="numpy", threads=1,
                                  early_stopping=settings.get("n_iter_no_change"))
     assert np.array_equal(clf.model_.nets[0].params, model.nets[0].params)
@@ -153,7 +154,8 @@ def test_a_preset_trains_what_parnn_train_trains_on_fashion_mnist():
     ds = load_dataset("fashion-mnist", limit_train=5000, limit_test=1000)
     clf = MLPClassifier(preset="modern", max_iter=2, random_state=1, n_threads=1)
     clf.fit(ds.X_train, ds.y_train)
-    model, history = parnn.train(ds.X_train, ds.y_train, epochs=2, seed=1, threads=1)
+    model, history = parnn.train(ds.X_train, ds.y_train, config="modern", epochs=2, seed=1,
+                                 threads=1)
     assert np.array_equal(clf.model_.nets[0].params, model.nets[0].params)
     assert without_timing(clf.history_) == without_timing(history)
     assert clf.coefs_[0].dtype == np.float32 and clf.coefs_[0].shape == (784, 256)

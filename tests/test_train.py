@@ -144,8 +144,10 @@ def test_every_setting_has_a_constraint():
 
 
 def test_presets_are_checked_configs_and_make_config_starts_from_them():
-    assert config.PRESETS == {"paper": config.PAPER, "modern": config.MODERN}
+    assert config.PRESETS == {"paper": config.PAPER, "modern": config.MODERN,
+                              "accurate": config.ACCURATE}
     assert make_config("paper") == config.PAPER and make_config("modern") == config.MODERN
+    assert make_config() == config.ACCURATE and config.DEFAULT_PRESET == "accurate"
     assert make_config("paper", lr=None, hidden=None) == config.PAPER   # None: keep the preset's
 
 
@@ -523,6 +525,26 @@ def test_warmup_cosine_rises_linearly_then_follows_the_cosine_over_the_rest():
         make_config("modern", epochs=10, lr_schedule="warmup-cosine", warmup_epochs=10)
     with pytest.raises(ConfigError, match="warm-up epochs must be an integer >= 0"):
         make_config("modern", lr_schedule="warmup-cosine", warmup_epochs=-1)
+
+
+def test_a_presets_dependent_settings_follow_what_the_caller_changes():
+    """The default preset's warm-up, label smoothing and weight decay give way to flags that
+    make them inapplicable; given explicitly, they are still refused with the reason."""
+    acc = config.ACCURATE
+    assert acc.warmup_epochs == 2 and acc.epochs == 30
+    assert [make_config(epochs=e).warmup_epochs for e in (1, 2, 15, 30, 60)] == [0, 0, 1, 2, 4]
+    for e in range(1, 40):                                      # always a valid run
+        assert make_config(epochs=e).warmup_epochs < e
+    off = make_config(loss="mse", output="tanh", optimizer="sgd", lr_schedule="cosine")
+    assert (off.label_smoothing, off.weight_decay, off.warmup_epochs) == (0, 0, 0)
+    assert make_config(optimizer="momentum").weight_decay == 0
+    assert make_config(optimizer="adam").weight_decay == acc.weight_decay   # still applies
+    with pytest.raises(ConfigError, match="label smoothing applies to the cross_entropy loss"):
+        make_config(loss="mse", output="tanh", label_smoothing=0.1)
+    with pytest.raises(ConfigError, match="weight decay is AdamW's decoupled decay"):
+        make_config(optimizer="sgd", weight_decay=0.01)
+    with pytest.raises(ConfigError, match="warm-up epochs \\(3\\) must be fewer than the epochs"):
+        make_config(epochs=3, warmup_epochs=3)
 
 
 # --- dropout -------------------------------------------------------------------------------------

@@ -365,7 +365,7 @@ class MLPClassifier(ClassifierMixin, _MLP):
     engine               parnn's engine: "auto", "numpy", "batch", "serial", ... ["auto"]
     n_threads            threads for the engine and BLAS [all cores]
     dtype                "float32" or "float64" [X's: float32 stays float32, the rest float64]
-    preset               None, "modern" or "paper" (parnn.PRESETS)
+    preset               None or a preset's name: "accurate", "modern", "paper" (parnn.PRESETS)
 
     Attributes as scikit-learn's: classes_, n_features_in_, coefs_ and intercepts_ (views of
     the flat parameter buffer), loss_curve_, loss_, best_loss_, validation_scores_ (the

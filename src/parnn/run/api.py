@@ -3,7 +3,7 @@
     model, history = parnn.train(X, y)                 # a preset's settings, overridable
     model, history = parnn.train(X, y, config="paper", epochs=3, X_val=Xv, y_val=yv)
     model.predict(X), model.predict_proba(X), model.score(X, y), model.save("m.safetensors")
-    model = parnn.load("runs/modern/model.safetensors")   # a model or an ensemble file
+    model = parnn.load("runs/accurate/model.safetensors")   # a model or an ensemble file
 
 `parnn train` goes through run_training too (run/session.py): one training path, not two.
 Inputs are checked by run/arrays.py; the loop is run/train.py.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from parnn.engines import scaled
 from parnn.errors import ConfigError, ModelFileError
 from parnn.run import outputs, train as loop
 from parnn.run.arrays import INPUTS, check_inputs, encode_labels, validation_rows
@@ -20,7 +21,7 @@ from parnn.run.config import batch_size_for, resolve
 
 
 def train(X, y, *, X_val=None, y_val=None, config=None, classes=None, class_names=None,
-          inputs="pixels", progress=False, log=None, **settings):
+          inputs="pixels", progress=False, log=None, members=1, **settings):
     """Train a network on (X, y); returns (Model, history).
 
     X: (n, features) or (n, 28, 28) images; inputs="pixels" (the default) wants values in
@@ -36,30 +37,44 @@ def train(X, y, *, X_val=None, y_val=None, config=None, classes=None, class_name
     class_names: how the classes read (default: str of each class).
     progress: a progress bar per epoch; log: called with each line of the report (None: quiet).
 
+    members: train an ensemble of this many networks, one after another (seeds seed,
+    seed + 1, ...; parnn.run.members), on the same rows; the Model soft-votes.
+
     history: one dict per epoch: epoch, loss, train_acc, val_loss and val_acc (with a
     validation set), seconds, samples_per_s. With early_stopping the model holds the weights
-    of the epoch with the lowest val_loss.
+    of the epoch with the lowest val_loss. With members > 1: a list of each member's history.
     """
     from parnn.data import Dataset
 
     cfg = resolve(config, **settings)
-    X = check_inputs(X, None, cfg.dtype, inputs)
+    X = check_inputs(X, None, cfg.dtype, inputs, keep_uint8=True)   # uint8: scaled as read
     y, classes = encode_labels(y, classes)
     _same_length(X, y, "X", "y")
     validation = None
     if (X_val is None) != (y_val is None):
         raise ValueError("pass both X_val and y_val, or neither")
     if X_val is not None:
-        X_val = check_inputs(X_val, X.shape[1], cfg.dtype, inputs, "X_val")
+        X_val = check_inputs(X_val, X.shape[1], cfg.dtype, inputs, "X_val", keep_uint8=True)
         y_val, _ = encode_labels(y_val, classes, "y_val")
         _same_length(X_val, y_val, "X_val", "y_val")
         validation = loop.Subset(X_val, y_val)
     names = _class_names(class_names, classes)
     data = Dataset(X, y, None, None, names, "arrays", None)
-    result = run_training(cfg, data, validation=validation, progress=progress,
-                          log=log or _quiet)
-    meta = outputs.model_metadata(result, data, classes, inputs)
-    return Model([result.net], classes, names, meta, inputs), result.history
+    from parnn.run.members import check_members, train_members
+
+    check_members(members)
+    if members == 1:
+        result = run_training(cfg, data, validation=validation, progress=progress,
+                              log=log or _quiet)
+        meta = outputs.model_metadata(result, data, classes, inputs)
+        return Model([result.net], classes, names, meta, inputs), result.history
+    memory_check(cfg, data)
+    ens = train_members(cfg, data, members, validation=validation, progress=progress,
+                        log=log or _quiet)
+    meta = outputs.model_metadata(ens.results[0], data, classes, inputs)
+    meta.update(members=members, seeds=[r.config.seed for r in ens.results],
+                val_acc=ens.val_acc)
+    return Model(ens.nets, classes, names, meta, inputs), [r.history for r in ens.results]
 
 
 def run_training(cfg, data, *, validation=None, test_every_epoch=False, **options):
@@ -68,21 +83,32 @@ def run_training(cfg, data, *, validation=None, test_every_epoch=False, **option
     (parnn.run.train.fit, which takes the other options: progress, log, checkpoints, resume,
     engine, on_epoch, on_chunk). The test set, if data has one, is scored at the end only,
     unless test_every_epoch. Returns fit's Result."""
-    from parnn.run import memory
-
-    # Before anything big is allocated (parnn train checked the same before loading the data).
-    memory.check(cfg, cfg.spec(data.X_train.shape[1], len(data.class_names)),
-                 len(data.X_train), 0, data_loaded=True)
-    rows = None
-    if validation is None and cfg.validation_split:
-        try:
-            rows, held = validation_rows(data.y_train, cfg.validation_split, cfg.seed)
-        except ValueError as e:
-            raise ConfigError(f"validation split {cfg.validation_split}: {e}") from None
-        batch_size_for(cfg, len(rows), held_out=len(held))   # says why the set is smaller
-        validation = loop.Subset(data.X_train, data.y_train, held)
+    memory_check(cfg, data)
+    rows, validation = holdout(cfg, data, validation)
     return loop.fit(cfg, data, rows=rows, validation=validation,
                     test_every_epoch=test_every_epoch, **options)
+
+
+def memory_check(cfg, data):
+    """Before anything big is allocated (parnn train checked the same before loading the data)."""
+    from parnn.run import memory
+
+    memory.check(cfg, cfg.spec(data.X_train.shape[1], len(data.class_names)),
+                 len(data.X_train), 0, data_loaded=True)
+
+
+def holdout(cfg, data, validation=None):
+    """(the rows of data's training set to train on (None: all), the validation Subset):
+    cfg.validation_split held out, stratified and drawn from cfg.seed, unless a validation
+    Subset is given (or the split is 0: no validation)."""
+    if validation is not None or not cfg.validation_split:
+        return None, validation
+    try:
+        rows, held = validation_rows(data.y_train, cfg.validation_split, cfg.seed)
+    except ValueError as e:
+        raise ConfigError(f"validation split {cfg.validation_split}: {e}") from None
+    batch_size_for(cfg, len(rows), held_out=len(held))   # says why the set is smaller
+    return rows, loop.Subset(data.X_train, data.y_train, held)
 
 
 def load(path):
@@ -148,7 +174,7 @@ class Model:
 
     def __repr__(self):
         kind = f"ensemble of {len(self.nets)}" if len(self.nets) > 1 else "network"
-        return (f"<parnn.Model: {kind} {'-'.join(map(str, self.spec.sizes))} "
+        return (f"<parnn.Model: {kind} {self.spec.shape_text()} "
                 f"{self.spec.hidden}/{self.spec.output} {self.spec.dtype}>")
 
     def predict_proba(self, X):
@@ -160,10 +186,10 @@ class Model:
         their row's sum (a row of zeros becomes uniform). That keeps their order, so the argmax
         is the network's prediction, but they are not calibrated. An ensemble soft-votes:
         the members' outputs are averaged first (as `parnn evaluate` does), then mapped."""
-        X = check_inputs(X, self.n_features_in, self.dtype, self.inputs)
-        out = self.nets[0].output(X)
+        X = check_inputs(X, self.n_features_in, self.dtype, self.inputs, keep_uint8=True)
+        out = _output(self.nets[0], X)
         for net in self.nets[1:]:
-            out += net.output(X)
+            out += _output(net, X)
         if len(self.nets) > 1:
             out /= len(self.nets)
         return probabilities(out, self.spec.output)
@@ -200,6 +226,15 @@ class Model:
         from parnn.export import to_onnx
 
         return to_onnx(self, path, opset=opset)
+
+
+def _output(net, X, rows=4096):
+    """net.output(X); uint8 pixels are scaled (x / 255) a chunk of rows at a time, never as a
+    float copy of all of X (the chunks are net.output's own, so the bits are the same)."""
+    if X.dtype != np.uint8:
+        return net.output(X)
+    return np.concatenate([net.output(scaled(X[i:i + rows], net.dtype))
+                           for i in range(0, len(X), rows)])
 
 
 def probabilities(out, output):
