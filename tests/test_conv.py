@@ -245,3 +245,48 @@ def test_training_a_cnn_gives_the_same_bits_at_1_and_2_threads():
     finally:
         numba.set_num_threads(before)
     np.testing.assert_array_equal(params[0], params[1])
+
+
+def test_the_memory_estimate_counts_a_cnns_images_and_im2col_columns(monkeypatch):
+    """A full batch of a CNN is refused up front, not swapped: every layer's image per sample
+    (and a conv layer's k*k*C_in columns per output pixel) counts, not only the dense sizes."""
+    from parnn.run import config, memory
+
+    cfg = config.make_config(layers="conv4:3,pool,dense8", batch_size="full")
+    per_sample = (784                      # the input
+                  + 28 * 28 * 4 + 28 * 28 * 3 * 3 * 1   # conv: its image, its columns
+                  + 14 * 14 * 4 + 784      # pool, flatten
+                  + 8 + 10)                # dense, output
+    assert memory.estimate(cfg, cfg.spec(), 1000)["activations"] == 2 * 1000 * per_sample * 4
+    huge = config.make_config(layers=config.CNN_LAYERS, batch_size="full")
+    monkeypatch.setattr(memory, "available", lambda: 24 * 2**30)   # this machine's size
+    with pytest.raises(ConfigError, match="this run needs about .* GB of memory"):
+        memory.check(huge, huge.spec(), 60000, 10000)
+
+
+def test_a_cnn_trains_in_one_shard_where_numbas_workqueue_layer_forbids_two(tmp_path):
+    """Numba's fallback threading layer aborts the process when two threads run parallel
+    kernels at once: there the batch engine trains a CNN in one shard, and says so."""
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np
+from parnn.core.model import MLP, Spec
+from parnn.core.optim import make_optimizer
+from parnn.engines.batch import BatchEngine
+spec = Spec((784, 10), "relu", "softmax", "cross_entropy", "float32", "conv4:3,pool,dense8")
+rng = np.random.default_rng(0)
+X = rng.random((256, 784), dtype=np.float32)
+T = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 256)]
+net = MLP(spec, init="he", seed=1)
+engine = BatchEngine()
+engine.train(net, make_optimizer("adam", spec.n_params, "float32", 1e-3), X, T,
+             rng.permutation(256), 64)
+print(engine.shards_for(spec), engine.shards_for(Spec((784, 8, 10))))
+"""
+    env = dict(__import__("os").environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["1", "2"]          # a CNN: one shard; an MLP: two

@@ -47,9 +47,9 @@ def test_the_vote_is_the_mean_of_the_members_probabilities(blobs, three):
     held = validation.rows
     assert ens.val_acc == np.mean(np.mean([r.net.output(blobs.X_train[held]) for r in ens.results],
                                           axis=0).argmax(1) == blobs.y_train[held])
-    # a noisy problem where the members disagree: the vote is not just one member
-    singles = [np.mean(p.argmax(1) == blobs.y_test) for p in probs]
-    assert ens.test_acc >= min(singles)
+    # a noisy problem where the members disagree: the vote is none of them alone
+    for p in probs:
+        assert (p.argmax(1) != mean.argmax(1)).any()
 
 
 def test_uint8_pixels_vote_like_their_floats(three, blobs):

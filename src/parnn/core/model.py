@@ -38,6 +38,9 @@ OUTPUT_ACTIVATIONS = ("tanh", "sigmoid", "softmax", "identity")   # identity: re
 LOSSES = tuple(LOSS_KINDS)
 INITS = ("paper", "xavier", "he")
 DTYPES = ("float32", "float64")
+# Rows a network with a layer list scores at a time: its layers' outputs are images, and with
+# the im2col columns a few hundred KB per sample.
+IMAGE_ROWS = 256
 
 
 # --- architecture --------------------------------------------------------------------------
@@ -240,7 +243,7 @@ class MLP:
     def output(self, X, batch=4096):
         """The output layer for X, in chunks so a test set needs little memory (a conv net's
         layers are images: 4096 of them would be hundreds of MB, so 256)."""
-        batch = min(batch, 256) if self.spec.arch else batch
+        batch = min(batch, IMAGE_ROWS) if self.spec.arch else batch
         outs = [self.forward(X[i:i + batch])[-1] for i in range(0, len(X), batch)]
         return np.concatenate(outs) if outs else np.empty((0, self.spec.sizes[-1]), self.dtype)
 

@@ -172,6 +172,16 @@ class BatchEngine:
                 "shards": self.shards if self.shards is not None else
                 SHARDS if self.reducer is None else 1}
 
+    def shards_for(self, spec):
+        """Shards per batch: as given; else 1 under an MPI reducer, and SHARDS in one process,
+        except for a layer list (conv kernels, Numba-parallel over the batch, run inside each
+        shard) when Numba's threading layer cannot run two parallel regions at once."""
+        if self.shards is not None:
+            return self.shards
+        if self.reducer is not None or (spec.arch and not _concurrent_parallel_regions()):
+            return 1
+        return SHARDS
+
     def _augment_block(self, X, order, epoch, dtype):
         """The augmented X[order] in dtype, in a buffer reused from call to call."""
         buf = self._aug
@@ -201,7 +211,7 @@ class BatchEngine:
         X, T, order = contiguous_inputs(net, X, T, order, pixels=True)   # uint8 stays uint8
         pixels = X.dtype == np.uint8
         B = min(batch_size, max(len(order), 1))
-        S = self.shards if self.shards is not None else (SHARDS if self.reducer is None else 1)
+        S = self.shards_for(net.spec)
         S = max(1, min(S, B))                    # a shard of a batch has at least one sample
         shards = self.shard_nets(net, B, S)
         nt = min(S, _threads())                  # threads that run the shards
@@ -287,11 +297,34 @@ def _threads():
     return numba.get_num_threads()
 
 
+_LAYER = []
+
+
+def _concurrent_parallel_regions():
+    """Whether two Python threads may run Numba parallel kernels at the same time: OpenMP and
+    TBB allow it; the workqueue layer (Numba's fallback when neither is installed) aborts the
+    process. The layer is known once a parallel region has run, so a tiny one runs first."""
+    if not _LAYER:
+        import numba
+
+        @numba.njit(parallel=True)
+        def touch(n):
+            total = 0
+            for i in numba.prange(n):
+                total += i
+            return total
+
+        touch(2)
+        _LAYER.append(numba.threading_layer())
+    return _LAYER[0] != "workqueue"
+
+
 class Crew:
     """nt threads for one train() call: the caller and nt - 1 helpers. run(job) calls job(t)
     for t = 0..nt-1 at the same time, job(0) on the caller, and returns when all are done (a
-    helper's exception is raised there). blas: None, or a context (made on each helper) that
-    keeps BLAS on the calling thread, so the shards' GEMMs do not fight for the cores."""
+    helper's exception is raised there). blas: None, or a context, entered once for the whole
+    call (BLAS limits are process-wide), that keeps each GEMM on the thread that calls it, so
+    the shards' GEMMs do not fight for the cores."""
 
     def __init__(self, nt, blas=None):
         self.nt, self.blas = nt, blas

@@ -22,7 +22,7 @@ from parnn.engines import scaled
 from parnn.errors import ConfigError
 from parnn.run import train as loop
 from parnn.run.api import holdout
-from parnn.run.memory import SCORE_ROWS
+from parnn.run.memory import SCORE_ROWS, score_rows
 
 
 @dataclass
@@ -51,7 +51,7 @@ def soft_vote(nets, X):
 def vote_accuracy(nets, subset, batch=SCORE_ROWS):
     """The soft vote's accuracy on a Subset, a chunk of rows at a time."""
     correct = sum(int(np.count_nonzero(soft_vote(nets, X).argmax(axis=1) == y))
-                  for X, y in subset.chunks(batch))
+                  for X, y in subset.chunks(score_rows(nets[0].spec, batch)))
     return correct / len(subset)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from parnn.core.model import IMAGE_ROWS
 from parnn.errors import ConfigError
 
 # What an optimizer keeps per parameter, beside the parameters and the gradient.
@@ -34,7 +35,9 @@ def estimate(cfg, spec, n_train, n_test=0, data_loaded=False):
     saved = 1 + OPTIMIZER_STATE[cfg.optimizer] + (1 if cfg.early_stopping else 0)
     layers = list(zip(spec.sizes[:-1], spec.sizes[1:]))
     batch = n_train if cfg.batch_size == "full" else cfg.batch_size
-    width = sum(spec.sizes)
+    # values per sample of the input and every layer's output (a conv layer's whole image),
+    # and a conv layer's im2col columns (k*k*C_in per output pixel), kept for its backward
+    width = n_in + sum(_values_per_sample(layer) for layer in spec.layers(compiled=False))
     parts = {
         "parameters, gradient and optimizer state": spec.n_params * item * copies,
         "checkpoint writing": spec.n_params * item * saved,
@@ -42,7 +45,7 @@ def estimate(cfg, spec, n_train, n_test=0, data_loaded=False):
         "initialisation": max(a * b for a, b in layers) * 8,
         # each layer's outputs and their gradients for a batch; or the outputs alone for a
         # chunk of rows being scored
-        "activations": max(batch * 2, SCORE_ROWS) * width * item,
+        "activations": max(batch * 2, score_rows(spec)) * width * item,
     }
     if not data_loaded:   # a process still to start, its data still to read
         # the images as stored (uint8), a float copy of the training images (for an engine
@@ -54,6 +57,18 @@ def estimate(cfg, spec, n_train, n_test=0, data_loaded=False):
     else:                  # in this process: the one-hot targets are still to be made
         parts["targets"] = n_train * n_out * item
     return parts
+
+
+def score_rows(spec, rows=SCORE_ROWS):
+    """Rows scored at a time: fewer for a network with a layer list (parnn.core.model)."""
+    return min(rows, IMAGE_ROWS) if spec.arch else rows
+
+
+def _values_per_sample(layer):
+    out = int(np.prod(layer.out_shape))
+    if hasattr(layer, "k"):                      # a Conv2D: (H', W', C_out) and its columns
+        out += out // layer.c_out * layer.k * layer.k * layer.c_in
+    return out
 
 
 def available():
