@@ -186,6 +186,9 @@ def test_another_rank_count_or_a_single_process_is_refused_saying_what_would_cha
     assert len([l for l in p.stderr.splitlines() if l.startswith("parnn")]) == 1
     p = mpirun(2, {"mode": "allreduce", **SMALL, "resume": str(runs["ensemble"])}, {})
     assert p.returncode == 2 and "not allreduce" in p.stderr
+    p = mpirun(2, {"mode": "allreduce", **SMALL, "dataset": "mnist",
+                   "resume": str(runs["allreduce"])}, {})
+    assert p.returncode == 2 and "--dataset mnist (it has fashion-mnist)" in p.stderr
     for mode, ckdir in runs.items():   # one process, no mpiexec
         p = subprocess.run([str(BIN / "parnn"), "train", "--resume", str(ckdir), "--epochs", "2"],
                            capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)

@@ -217,7 +217,9 @@ def _train_distributed(args, cfg, settings=None):
 
     timeout = {} if args.rank_timeout is None else {"rank_timeout": args.rank_timeout}
     opts = distributed.DistributedOptions(
-        mode=args.distributed, shards=args.shards, dataset=args.dataset or "fashion-mnist",
+        mode=args.distributed, shards=args.shards,
+        # resuming: None unless given, so a --dataset other than the checkpoint's is refused
+        dataset=args.dataset if args.resume is not None else args.dataset or "fashion-mnist",
         data=args.data, limit_train=args.limit_train, limit_test=args.limit_test, out=args.out,
         threads=args.threads, progress=_progress(args), overwrite=args.overwrite,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,

@@ -116,7 +116,7 @@ class DistributedOptions:
 
     mode: str                            # "ensemble", "allreduce" or "average"
     shards: str | None = None            # ensemble: "disjoint" (None) or "bootstrap"
-    dataset: str = "fashion-mnist"
+    dataset: str | None = "fashion-mnist"   # None: resuming, the checkpoint's
     data: Path | None = None             # None: parnn.data's search
     limit_train: int | None = None
     limit_test: int | None = None

@@ -223,7 +223,8 @@ def _shares(opts, settings, size, log):
                               "that flag")
     first = saved.first
     record = RunRecord.of_checkpoint(first, launched=True)
-    given = dict(settings, limit_train=opts.limit_train, limit_test=opts.limit_test)
+    given = dict(settings, dataset=opts.dataset, limit_train=opts.limit_train,
+                 limit_test=opts.limit_test)
     cfg = resumed_config(first, record, given)
     out = Path(opts.out or record.out)
     if d.get("mode") == "allreduce":
