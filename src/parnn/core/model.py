@@ -122,6 +122,10 @@ class Spec:
         return [Dense(n_in, n_out, self.hidden if l < self.n_layers - 1 else "identity")
                 for l, (n_out, n_in) in enumerate(self.shapes())]
 
+    def rows_at_once(self, rows):
+        """Rows to score at a time, at most `rows`: fewer (IMAGE_ROWS) for a layer list."""
+        return min(rows, IMAGE_ROWS) if self.arch else rows
+
     def shape_text(self):
         """How the architecture reads: 784-256-128-10, or 784-[conv32:3,pool,dense128]-10."""
         if self.arch:
@@ -243,7 +247,7 @@ class MLP:
     def output(self, X, batch=4096):
         """The output layer for X, in chunks so a test set needs little memory (a conv net's
         layers are images: 4096 of them would be hundreds of MB, so 256)."""
-        batch = min(batch, IMAGE_ROWS) if self.spec.arch else batch
+        batch = self.spec.rows_at_once(batch)
         outs = [self.forward(X[i:i + batch])[-1] for i in range(0, len(X), batch)]
         return np.concatenate(outs) if outs else np.empty((0, self.spec.sizes[-1]), self.dtype)
 

@@ -68,7 +68,6 @@ def train(X, y, *, X_val=None, y_val=None, config=None, classes=None, class_name
                               log=log or _quiet)
         meta = outputs.model_metadata(result, data, classes, inputs)
         return Model([result.net], classes, names, meta, inputs), result.history
-    memory_check(cfg, data)
     ens = train_members(cfg, data, members, validation=validation, progress=progress,
                         log=log or _quiet)
     meta = outputs.model_metadata(ens.results[0], data, classes, inputs)

@@ -21,8 +21,8 @@ import numpy as np
 from parnn.engines import scaled
 from parnn.errors import ConfigError
 from parnn.run import train as loop
-from parnn.run.api import holdout
-from parnn.run.memory import SCORE_ROWS, score_rows
+from parnn.run.api import holdout, memory_check
+from parnn.run.memory import SCORE_ROWS
 
 
 @dataclass
@@ -51,7 +51,7 @@ def soft_vote(nets, X):
 def vote_accuracy(nets, subset, batch=SCORE_ROWS):
     """The soft vote's accuracy on a Subset, a chunk of rows at a time."""
     correct = sum(int(np.count_nonzero(soft_vote(nets, X).argmax(axis=1) == y))
-                  for X, y in subset.chunks(score_rows(nets[0].spec, batch)))
+                  for X, y in subset.chunks(nets[0].spec.rows_at_once(batch)))
     return correct / len(subset)
 
 
@@ -60,13 +60,13 @@ def check_members(members):
         raise ConfigError(f"members must be an integer >= 1, got {members!r}")
 
 
-def train_members(cfg, data, members, *, validation=None, log=print, on_member=None, **options):
+def train_members(cfg, data, members, *, validation=None, log=print, **options):
     """Train `members` networks of cfg (seeds cfg.seed, cfg.seed + 1, ...) on data; returns
     Members. validation: a Subset scored after every epoch of every member; without one,
     cfg.validation_split of data's training set is held out once, from cfg.seed. The other
-    options go to parnn.run.train.fit (progress, ...). on_member(k, result) hears of each
-    member as it ends."""
+    options go to parnn.run.train.fit (progress, ...)."""
     check_members(members)
+    memory_check(cfg, data)
     rows, validation = holdout(cfg, data, validation)   # once, from the run's seed
     test = None if data.X_test is None or not len(data.X_test) else \
         loop.Subset(data.X_test, data.y_test)
@@ -77,8 +77,6 @@ def train_members(cfg, data, members, *, validation=None, log=print, on_member=N
         result = loop.fit(replace(cfg, seed=cfg.seed + k), data, rows=rows,
                           validation=validation, log=log, **options)
         results.append(result)
-        if on_member is not None:
-            on_member(k, result)
     nets = [r.net for r in results]
     val_acc = vote_accuracy(nets, validation) if validation is not None else None
     test_acc = vote_accuracy(nets, test) if test is not None else None

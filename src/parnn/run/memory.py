@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from parnn.core.model import IMAGE_ROWS
 from parnn.errors import ConfigError
 
 # What an optimizer keeps per parameter, beside the parameters and the gradient.
@@ -45,7 +44,7 @@ def estimate(cfg, spec, n_train, n_test=0, data_loaded=False):
         "initialisation": max(a * b for a, b in layers) * 8,
         # each layer's outputs and their gradients for a batch; or the outputs alone for a
         # chunk of rows being scored
-        "activations": max(batch * 2, score_rows(spec)) * width * item,
+        "activations": max(batch * 2, spec.rows_at_once(SCORE_ROWS)) * width * item,
     }
     if not data_loaded:   # a process still to start, its data still to read
         # the images as stored (uint8), a float copy of the training images (for an engine
@@ -57,11 +56,6 @@ def estimate(cfg, spec, n_train, n_test=0, data_loaded=False):
     else:                  # in this process: the one-hot targets are still to be made
         parts["targets"] = n_train * n_out * item
     return parts
-
-
-def score_rows(spec, rows=SCORE_ROWS):
-    """Rows scored at a time: fewer for a network with a layer list (parnn.core.model)."""
-    return min(rows, IMAGE_ROWS) if spec.arch else rows
 
 
 def _values_per_sample(layer):

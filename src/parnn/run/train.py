@@ -25,7 +25,7 @@ from parnn.core.optim import make_optimizer
 from parnn.engines import EpochStats, scaled
 from parnn.errors import ConfigError, DivergenceError
 from parnn.run.config import TrainConfig, batch_size_for, lr_at, pick_engine
-from parnn.run.memory import SCORE_ROWS, score_rows
+from parnn.run.memory import SCORE_ROWS
 
 
 # --- threads ---------------------------------------------------------------------------------
@@ -101,7 +101,7 @@ def score(net, subset, batch=SCORE_ROWS):
     from parnn.data import one_hot
 
     loss_sum, correct, n_out = 0.0, 0, net.spec.sizes[-1]
-    for X, y in subset.chunks(score_rows(net.spec, batch)):
+    for X, y in subset.chunks(net.spec.rows_at_once(batch)):
         p = net.forward(scaled(X, net.dtype))[-1]      # uint8 pixels: x / 255, a chunk at a time
         loss_sum += net.loss.value(p, one_hot(y, n_out, net.dtype))
         correct += int(np.count_nonzero(p.argmax(axis=1) == y))
