@@ -128,6 +128,8 @@ def test_what_a_layer_list_cannot_do_is_one_line(args, words, tmp_path):
 def test_model_cnn_sets_the_default_layer_list_and_layers_wins():
     shown = parnn("train", "--model", "cnn", "--show-config").stdout
     assert "conv32:3,pool,conv64:3,pool,dense128" in shown
+    assert "\nhidden " not in shown     # a layer list spells its own sizes
+    assert "\nhidden " in parnn("train", "--preset", "modern", "--show-config").stdout
     for order in (("--layers", "conv8:3,pool", "--model", "cnn"),
                   ("--model", "cnn", "--layers", "conv8:3,pool")):
         assert "conv8:3,pool\n" in parnn("train", *order, "--show-config").stdout

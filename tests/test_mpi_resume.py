@@ -195,6 +195,19 @@ def test_another_rank_count_or_a_single_process_is_refused_saying_what_would_cha
         assert p.returncode == 2, p.stderr
         assert f"mpiexec -n 2 parnn train --distributed {mode} --resume" in p.stderr
         assert p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+        # --show-config of the mpiexec command: the checkpoint's settings, no MPI needed
+        shown = subprocess.run([str(BIN / "parnn"), "train", "--distributed", mode, "--resume",
+                                str(ckdir), "--epochs", "5", "--show-config"],
+                               capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+        assert shown.returncode == 0, shown.stderr
+        lines = [l.split() for l in shown.stdout.splitlines()]
+        assert ["hidden", "24"] in lines and ["epochs", "5"] in lines and ["preset", "modern"] in lines
+        other = "ensemble" if mode == "allreduce" else "allreduce"
+        wrong = subprocess.run([str(BIN / "parnn"), "train", "--distributed", other, "--resume",
+                                str(ckdir), "--show-config"],
+                               capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+        assert wrong.returncode == 2 and f"not {other}" in wrong.stderr
+        assert wrong.stderr.count("\n") == 1 and not wrong.stdout
 
 
 @pytest.mark.slow

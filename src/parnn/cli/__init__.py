@@ -177,7 +177,12 @@ def cmd_train(args):
     log = functools.partial(print, file=sys.stderr) if args.json else print
     # Every setting has a flag of its name; None = not given (the preset's or the checkpoint's).
     settings = {f.name: getattr(args, f.name) for f in fields(config.TrainConfig)}
-    if args.resume is not None and args.distributed and not args.show_config:
+    if args.resume is not None and args.distributed:
+        if args.show_config:
+            from parnn.distributed.checkpoints import shown_config
+
+            return _show_config(shown_config(_distributed_options(args), settings,
+                                            functools.partial(print, file=sys.stderr)))
         return _train_distributed(args, None, settings)   # the checkpoint's settings
     if args.resume is not None:
         if args.show_config:
@@ -206,17 +211,25 @@ def cmd_train(args):
 
 
 def _show_config(cfg):
-    """Each setting and its value, as the flags take them."""
-    width = max(len(k) for k in cfg.to_dict())
-    for k, v in cfg.to_dict().items():
+    """Each setting and its value, as the flags take them; --hidden only where it is used (a
+    layer list spells its own sizes)."""
+    shown = {k: v for k, v in cfg.to_dict().items() if not (k == "hidden" and cfg.layers)}
+    width = max(len(k) for k in shown)
+    for k, v in shown.items():
         print(f"{k.replace('_', '-'):<{width}}  {show_value(tuple(v) if isinstance(v, list) else v)}")
 
 
 def _train_distributed(args, cfg, settings=None):
     from parnn import distributed
 
+    return distributed.train(cfg, _distributed_options(args), settings)
+
+
+def _distributed_options(args):
+    from parnn import distributed
+
     timeout = {} if args.rank_timeout is None else {"rank_timeout": args.rank_timeout}
-    opts = distributed.DistributedOptions(
+    return distributed.DistributedOptions(
         mode=args.distributed, shards=args.shards,
         # resuming: None unless given, so a --dataset other than the checkpoint's is refused
         dataset=args.dataset if args.resume is not None else args.dataset or "fashion-mnist",
@@ -224,7 +237,6 @@ def _train_distributed(args, cfg, settings=None):
         threads=args.threads, progress=_progress(args), overwrite=args.overwrite,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
         resume=args.resume, average_every=args.average_every, **timeout)
-    return distributed.train(cfg, opts, settings)
 
 
 def _refuse_undistributed_launch(args):

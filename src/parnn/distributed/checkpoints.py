@@ -209,11 +209,20 @@ def resumed(opts, settings, comm, log):
                         limit_test=record.limit_test, checkpoint_dir=None), share
 
 
+def shown_config(opts, settings, log):
+    """The config `mpiexec -n K parnn train --distributed MODE --resume DIR` would train with,
+    checked as that job checks it, on the checkpoint's own number of ranks: what --show-config
+    prints, without MPI."""
+    return _shares(opts, settings, None, log)[0][0]
+
+
 def _shares(opts, settings, size, log):
+    """[(cfg, distributed record, Share) per rank]; size None: the checkpoint's ranks."""
     from parnn.run.resume import RunRecord, check_ranks, resumed_config
 
     saved = load(opts.resume, warn=lambda m: log(f"warning: {m}"))
-    check_ranks(saved, opts.mode, size)
+    check_ranks(saved, opts.mode, size if size is not None or not saved.distributed
+                else saved.distributed.get("ranks"))
     d = saved.distributed
     for flag, given, kept in (("--shards", opts.shards, d.get("shards")),
                               ("--average-every", opts.average_every, d.get("average_every"))):
