@@ -165,6 +165,25 @@ def test_checkpoint_round_trip(tmp_path):
     assert_bad(path, "'model'", "expected checkpoint", load=io.load_checkpoint)
 
 
+def test_checkpoint_bytes_are_the_file_and_read_back_with_the_same_checks(tmp_path):
+    # How a distributed checkpoint's state travels between MPI ranks: as its file's bytes.
+    arrays = {"params": np.arange(6.0).reshape(2, 3), "step": np.array(3, np.int64)}
+    path = tmp_path / "ck.safetensors"
+    io.save_checkpoint(path, arrays, {"epoch": 1})
+    data = io.file_bytes(path)
+    assert data == path.read_bytes() == io.checkpoint_bytes(arrays, {"epoch": 1})
+    got, meta = io.load_checkpoint("rank 1's checkpoint", data)
+    assert meta == {"epoch": 1} and got["params"].tobytes() == arrays["params"].tobytes()
+    flipped = bytearray(data)
+    flipped[-1] ^= 1                                          # one bit of the last tensor
+    with pytest.raises(ModelFileError, match="rank 1's checkpoint: .*checksum"):
+        io.load_checkpoint("rank 1's checkpoint", bytes(flipped))
+    with pytest.raises(ModelFileError, match="truncated"):
+        io.load_checkpoint("rank 1's checkpoint", data[:-3])
+    with pytest.raises(ModelFileError, match="no such file"):
+        io.file_bytes(tmp_path / "gone.safetensors")
+
+
 def test_checkpoint_checksum_covers_names(tmp_path):
     path = tmp_path / "ck.safetensors"
     io.save_checkpoint(path, {"a": np.arange(3.0)}, {})

@@ -60,6 +60,7 @@ import os
 import shlex
 import sys
 from dataclasses import fields
+from io import BytesIO
 
 import numpy as np
 import safetensors.numpy
@@ -105,15 +106,18 @@ def _header_sha256(header):
 
 # --- writing -------------------------------------------------------------------------------
 
-def _write(path, tensors, header):
+def _encode(tensors, header) -> bytes:
     # Hash the header as a reader will see it (JSON round trip: tuples become lists, NumPy
     # scalars Python numbers, keys strings), so that any change to it is detected on reading.
     header = json.loads(dumps({"format": FORMAT, "writer": f"parnn {__version__}", **header}))
     header["header_sha256"] = _header_sha256(header)
     # np.asarray, not np.ascontiguousarray: the latter turns 0-d arrays into shape (1,).
-    data = safetensors.numpy.save({k: np.asarray(v, order="C") for k, v in tensors.items()},
+    return safetensors.numpy.save({k: np.asarray(v, order="C") for k, v in tensors.items()},
                                   metadata={META_KEY: dumps(header)})
-    atomic_write_bytes(path, data)
+
+
+def _write(path, tensors, header):
+    atomic_write_bytes(path, _encode(tensors, header))
 
 
 def _printable_class_names(meta):
@@ -182,9 +186,25 @@ def save_ensemble(path, nets: list[MLP], meta: dict):
             "members_sha256": [params_sha256(n.params) for n in nets]})
 
 
+def checkpoint_bytes(arrays: dict[str, np.ndarray], meta: dict) -> bytes:
+    """What save_checkpoint writes, as bytes: how a checkpoint's state travels between MPI
+    ranks (parnn.distributed.checkpoints), read back by load_checkpoint(name, data)."""
+    return _encode(arrays, {"kind": "checkpoint", "meta": meta, "sha256": _arrays_sha256(arrays)})
+
+
 def save_checkpoint(path, arrays: dict[str, np.ndarray], meta: dict):
     """Any named arrays (params, optimizer state...) + meta, with one checksum over them all."""
-    _write(path, arrays, {"kind": "checkpoint", "meta": meta, "sha256": _arrays_sha256(arrays)})
+    atomic_write_bytes(path, checkpoint_bytes(arrays, meta))
+
+
+def file_bytes(path) -> bytes:
+    """A regular file's bytes, as many as it had when opened; ModelFileError naming the path."""
+    with open_regular(path, ModelFileError, "model file") as f:
+        try:
+            buf = np.empty(os.fstat(f.fileno()).st_size, np.uint8)
+            return buf[:read_fully(f, buf)].tobytes()
+        except OSError as e:
+            raise ModelFileError(f"{shown(path)}: cannot read: {e.strerror or e}") from None
 
 
 # --- reading: the safetensors container ----------------------------------------------------
@@ -273,14 +293,16 @@ def _tensors(path, f, index, into):
 
 # --- reading: parnn's header ---------------------------------------------------------------
 
-def _read(path, check=None, legacy=False):
+def _read(path, check=None, legacy=False, data=None):
     """(tensors, header) of a parnn safetensors file, or ModelFileError. check(header, index)
     runs before any tensor is read, and may return {name: array} to read those tensors into
     (they are then left out of the tensors returned). legacy: accept a format 1 file without a
-    header checksum."""
-    with open_regular(path, ModelFileError, "model file") as f:
+    header checksum. data: the file's bytes, already read (path only names them)."""
+    opened = open_regular(path, ModelFileError, "model file") if data is None else BytesIO(data)
+    with opened as f:
         try:
-            index, metadata = _index(path, f, os.fstat(f.fileno()).st_size)
+            size = os.fstat(f.fileno()).st_size if data is None else len(data)
+            index, metadata = _index(path, f, size)
             header = _header(path, metadata, legacy)
             into = check(header, index) if check is not None else None
             return _tensors(path, f, index, into or {}), header
@@ -398,7 +420,7 @@ def _members(header):
     return shas if isinstance(shas, list) else []
 
 
-def _load(path, allowed, legacy=False):
+def _load(path, allowed, legacy=False, data=None):
     """(kind, networks or arrays, header) of a file of one of the allowed kinds, checked."""
     found = {}
 
@@ -423,7 +445,7 @@ def _load(path, allowed, legacy=False):
         return {name: view for prefix, flat in zip(prefixes, buffers)
                 for name, view in _views(spec, layout, flat, prefix).items()}
 
-    tensors, header = _read(path, check, legacy)
+    tensors, header = _read(path, check, legacy, data)
     kind = found["kind"]
     if kind == "checkpoint":
         if _arrays_sha256(tensors) != header.get("sha256"):
@@ -452,10 +474,11 @@ def load_any(path) -> tuple[list[MLP], dict]:
     return nets, header.get("meta", {})
 
 
-def load_checkpoint(path) -> tuple[dict[str, np.ndarray], dict]:
-    """(arrays, meta) as given to save_checkpoint, after checking the checksum. Values are not
-    checked for NaN here: the arrays are generic, the caller knows what they mean."""
-    _, arrays, header = _load(path, ("checkpoint",))
+def load_checkpoint(path, data=None) -> tuple[dict[str, np.ndarray], dict]:
+    """(arrays, meta) as given to save_checkpoint, after checking the checksum; data: the
+    file's bytes (checkpoint_bytes), path then only names them. Values are not checked for NaN
+    here: the arrays are generic, the caller knows what they mean."""
+    _, arrays, header = _load(path, ("checkpoint",), data=data)
     return arrays, header.get("meta", {})
 
 

@@ -49,12 +49,13 @@ class Saved:
         return self.first.finished
 
 
-def read(path) -> Saved:
-    """A checkpoint file of either kind; ModelFileError saying what is wrong."""
+def read(path, data=None) -> Saved:
+    """A checkpoint file of either kind (data: its bytes, read already); ModelFileError saying
+    what is wrong."""
     from parnn import io
 
     path = Path(path)
-    arrays, meta = io.load_checkpoint(path)
+    arrays, meta = io.load_checkpoint(path, data)
     if "members" not in meta:
         ck = checkpoint.parse(path, arrays, meta)
         return Saved(path, ck.run.get("distributed"), [ck])
@@ -128,10 +129,14 @@ class RankCheckpointer(Checkpointer):
         super().after_epoch(cfg, pos, net, opt)
 
     def save(self, cfg, pos, net, opt):
+        from parnn import io
+
         arrays, meta = self.contents(cfg, pos, net, opt)
-        if self.members:
-            everyone = self.comm.gather((arrays, meta), root=0)
-            if everyone is not None:
+        if self.members:   # each rank's state travels as a checkpoint file's bytes
+            sent = self.comm.gather_bytes(io.checkpoint_bytes(arrays, meta), root=0)
+            if sent is not None:
+                everyone = [io.load_checkpoint(f"rank {r}'s checkpoint", data)
+                            for r, data in enumerate(sent)]
                 arrays = {PREFIX.format(r) + k: v for r, (a, _) in enumerate(everyone)
                           for k, v in a.items()}
                 meta = {"checkpoint": checkpoint.VERSION, "distributed": self.distributed,
@@ -177,32 +182,34 @@ class Share:
 
 def resumed(opts, settings, comm, log):
     """Rank 0 reads the checkpoint in opts.resume and checks it against this job (mode, ranks,
-    settings given again); every rank gets its Share. Returns (cfg, opts with the saved shards
-    or average_every, Share); on a problem rank 0 raises ConfigError and the others return
-    the exit status 2."""
+    settings given again), then sends the file's bytes to every rank, which reads its own
+    Share from them (no pickle). Returns (cfg, opts with the saved shards or average_every,
+    Share); on a problem rank 0 raises ConfigError and the others return the exit status 2."""
+    import json
     from dataclasses import replace
 
+    from parnn import io
     from parnn.errors import ParnnError
 
     rank, size = comm.Get_rank(), comm.Get_size()
-    shares, problem = None, None
+    data, path, problem = b"", "", None
     if rank == 0:
         try:
-            shares = _shares(opts, settings, size, log)
+            path = load(opts.resume, warn=lambda m: log(f"warning: {m}")).path
+            data = io.file_bytes(path)
+            _shares(read(path, data), opts, settings, size)     # the checks, once
         except ParnnError as e:
             problem = str(e)
         except Exception as e:   # a bug: still one line, and no rank left waiting
             problem = f"{type(e).__name__}: {e}"
-    if opts.mode == "allreduce":   # one state for every rank: sent once, not size copies
-        got = comm.bcast(problem or (shares[0] if rank == 0 else None), root=0)
-    else:
-        got = comm.scatter(shares if problem is None and rank == 0 else
-                           [problem] * size if rank == 0 else None, root=0)
-    if isinstance(got, str) or got is None:
+    head = json.loads(comm.bcast_bytes(json.dumps([problem, str(path)]).encode()))
+    if head[0] is not None:
         if rank == 0:
-            raise ConfigError(got or "the checkpoint could not be shared")
+            raise ConfigError(head[0])
         return 2
-    cfg, d, share = got
+    data = comm.bcast_bytes(data)
+    shares = _shares(read(head[1], data), opts, settings, size)
+    cfg, d, share = shares[0] if len(shares) == 1 else shares[rank]
     record = share.record
     return cfg, replace(opts, shards=d.get("shards"), average_every=d.get("average_every"),
                         dataset=record.dataset, limit_train=record.limit_train,
@@ -213,14 +220,15 @@ def shown_config(opts, settings, log):
     """The config `mpiexec -n K parnn train --distributed MODE --resume DIR` would train with,
     checked as that job checks it, on the checkpoint's own number of ranks: what --show-config
     prints, without MPI."""
-    return _shares(opts, settings, None, log)[0][0]
+    saved = load(opts.resume, warn=lambda m: log(f"warning: {m}"))
+    return _shares(saved, opts, settings, None)[0][0]
 
 
-def _shares(opts, settings, size, log):
-    """[(cfg, distributed record, Share) per rank]; size None: the checkpoint's ranks."""
+def _shares(saved, opts, settings, size):
+    """[(cfg, distributed record, Share) per rank] of a checkpoint read (a Saved), checked
+    against this job; one for allreduce; size None: the checkpoint's ranks."""
     from parnn.run.resume import RunRecord, check_ranks, resumed_config
 
-    saved = load(opts.resume, warn=lambda m: log(f"warning: {m}"))
     check_ranks(saved, opts.mode, size if size is not None or not saved.distributed
                 else saved.distributed.get("ranks"))
     d = saved.distributed

@@ -3,8 +3,8 @@
 MPI's blocking collectives wait forever for a rank that is alive but not progressing (SIGSTOP,
 a hung file system, a debugger), and MPICH waits by spinning, so every other rank burns a core
 while it waits. Watched(comm, timeout) has the calls parnn's MPI code makes (Allreduce,
-Iallreduce + wait, Bcast, Gather, gather, allgather, bcast, scatter, Split_type, Get_rank,
-Get_size, Abort) and runs each as a non-blocking request that it waits for itself:
+Iallreduce + wait, Bcast, Gather, Gatherv, the bytes helpers built on them, the pickled
+gather and allgather of small records, Split_type, Get_rank, Get_size, Abort) and runs each as a non-blocking request that it waits for itself:
 
 - polling: it spins on Test() for SPIN seconds (a collective between ranks in step completes
   well within that, so the training loop keeps its speed), then sleeps between tests, backing
@@ -14,8 +14,7 @@ Get_size, Abort) and runs each as a non-blocking request that it waits for itsel
   within GRACE seconds is silent. The lowest rank that answered prints one line naming the
   silent ranks, and calls Abort, which ends every rank (a stopped one too).
 
-Calls without a non-blocking form in mpi4py (the pickled gather/allgather/bcast/scatter,
-Split_type) wait in a watched Ibarrier first, so that once everyone is there the call itself
+Calls without a non-blocking form in mpi4py (the pickled gather/allgather, Split_type) wait in a watched Ibarrier first, so that once everyone is there the call itself
 returns at once.
 timeout 0 turns all of this off: the plain blocking calls, as before.
 """
@@ -75,10 +74,39 @@ class Watched:
             return self.comm.Gather(sendbuf, recvbuf, root=root)
         self.wait(self.comm.Igather(sendbuf, recvbuf, root=root), "Gather")
 
+    def Gatherv(self, sendbuf, recvbuf, root=0):
+        if not self.timeout:
+            return self.comm.Gatherv(sendbuf, recvbuf, root=root)
+        self.wait(self.comm.Igatherv(sendbuf, recvbuf, root=root), "Gatherv")
+
     def Barrier(self):
         if not self.timeout:
             return self.comm.Barrier()
         self.wait(self.comm.Ibarrier(), "Barrier")
+
+    # Bytes (a checkpoint as its file's bytes): a length, then the buffer; nothing pickled.
+
+    def bcast_bytes(self, data, root=0):
+        """root's bytes on every rank (data is ignored on the others)."""
+        n = np.array([len(data) if self.rank == root else 0], np.int64)
+        self.Bcast(n, root)
+        buf = np.frombuffer(data, np.uint8).copy() if self.rank == root else \
+            np.empty(int(n[0]), np.uint8)
+        self.Bcast(buf, root)
+        return buf.tobytes()
+
+    def gather_bytes(self, data, root=0):
+        """[every rank's bytes, in rank order] on root; None on the others."""
+        counts = np.empty(self.size, np.int64) if self.rank == root else None
+        self.Gather(np.array([len(data)], np.int64), counts, root)
+        mine = np.frombuffer(data, np.uint8)
+        if self.rank != root:
+            self.Gatherv(mine, None, root)
+            return None
+        everyone = np.empty(int(counts.sum()), np.uint8)
+        self.Gatherv(mine, (everyone, counts), root)
+        ends = np.cumsum(counts)
+        return [everyone[end - n:end].tobytes() for end, n in zip(ends, counts)]
 
     def gather(self, obj, root=0):
         self.Barrier()
@@ -87,14 +115,6 @@ class Watched:
     def allgather(self, obj):
         self.Barrier()
         return self.comm.allgather(obj)
-
-    def bcast(self, obj, root=0):
-        self.Barrier()
-        return self.comm.bcast(obj, root=root)
-
-    def scatter(self, objs, root=0):
-        self.Barrier()
-        return self.comm.scatter(objs, root=root)
 
     def Split_type(self, kind):
         self.Barrier()
