@@ -4,7 +4,8 @@ MPI's blocking collectives wait forever for a rank that is alive but not progres
 a hung file system, a debugger), and MPICH waits by spinning, so every other rank burns a core
 while it waits. Watched(comm, timeout) has the calls parnn's MPI code makes (Allreduce,
 Iallreduce + wait, Bcast, Gather, Gatherv, the bytes helpers built on them, the pickled
-gather and allgather of small records, Split_type, Get_rank, Get_size, Abort) and runs each as a non-blocking request that it waits for itself:
+gather and allgather of small records, Split_type, Get_rank, Get_size, Abort) and runs each
+as a non-blocking request that it waits for itself:
 
 - polling: it spins on Test() for SPIN seconds (a collective between ranks in step completes
   well within that, so the training loop keeps its speed), then sleeps between tests, backing
@@ -14,8 +15,8 @@ gather and allgather of small records, Split_type, Get_rank, Get_size, Abort) an
   within GRACE seconds is silent. The lowest rank that answered prints one line naming the
   silent ranks, and calls Abort, which ends every rank (a stopped one too).
 
-Calls without a non-blocking form in mpi4py (the pickled gather/allgather, Split_type) wait in a watched Ibarrier first, so that once everyone is there the call itself
-returns at once.
+Calls without a non-blocking form in mpi4py (the pickled gather/allgather, Split_type) wait
+in a watched Ibarrier first, so that once everyone is there the call itself returns at once.
 timeout 0 turns all of this off: the plain blocking calls, as before.
 """
 
