@@ -23,6 +23,9 @@ def main():
                     "option: an older commit)")
     ap.add_argument("--uint8", action="store_true", help="the training set as uint8 pixels")
     ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--general", action="store_true",
+                    help="the engine's general path, not the fused one (fused=False)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
     args = ap.parse_args()
 
     import numba
@@ -43,20 +46,24 @@ def main():
     rng = np.random.default_rng(2)
     numba.set_num_threads(args.threads)
     options = {} if args.shards in ("default", "none") else {"shards": int(args.shards)}
+    if args.general:
+        options["fused"] = False
+    B = args.batch_size or cfg.batch_size
     engine = make_engine("batch", **options)
     net = MLP(spec, init=cfg.init, seed=cfg.seed)
     opt = make_optimizer(cfg.optimizer, spec.n_params, spec.dtype, cfg.lr)
     times = []
     with threadpool_limits(args.threads, user_api="blas"):
-        engine.train(net, opt, X, T, rng.permutation(len(X))[:1024], cfg.batch_size)  # warm-up
+        engine.train(net, opt, X, T, rng.permutation(len(X))[:1024], B)  # warm-up
         for _ in range(args.epochs):
             order = rng.permutation(len(X))
             t = time.perf_counter()
             for s in range(0, len(order), 8192):
-                engine.train(net, opt, X, T, order[s:s + 8192], cfg.batch_size)
+                engine.train(net, opt, X, T, order[s:s + 8192], B)
             times.append(time.perf_counter() - t)
     acc = float(np.mean(net.predict(ds.X_test) == ds.y_test))
-    print(f"shards {args.shards} threads {args.threads}{' uint8' if args.uint8 else ''}: "
+    print(f"shards {args.shards} threads {args.threads}{' uint8' if args.uint8 else ''}"
+          f"{' general' if args.general else ''} batch {B}: "
           f"median {np.median(times):.3f} s  min {min(times):.3f} s  test acc {acc:.4f}")
 
 

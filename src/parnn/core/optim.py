@@ -86,16 +86,26 @@ class Adam(SGD):
         self.m = np.zeros(n, dtype)
         self.v = np.zeros(n, dtype)
 
-    def step(self, params, grad):
-        self.t += 1
-        b1, b2, t = self.beta1, self.beta2, self.t
+    def scalars(self, t):
+        """(eps_t, lr_t) of step t, as float64: the bias corrections folded in (above)."""
+        b1, b2 = self.beta1, self.beta2
         lr_t = self.lr * np.sqrt(1 - b2 ** t) / (1 - b1 ** t)
         eps_t = self.eps * np.sqrt(1 - b2 ** t)
+        return float(eps_t), float(lr_t)
+
+    def decay(self):
+        """AdamW's factor on the parameters before a step (1: no weight decay)."""
+        return 1 - self.lr * self.weight_decay if self.weight_decay else 1.0
+
+    def step(self, params, grad):
+        self.t += 1
+        b1, b2 = self.beta1, self.beta2
+        eps_t, lr_t = self.scalars(self.t)
         f = params.dtype.type
         if self.weight_decay:
-            params *= f(1 - self.lr * self.weight_decay)
+            params *= f(self.decay())
         adam_update(params, grad, self.m, self.v, f(b1), f(1 - b1), f(b2), f(1 - b2),
-                    float(eps_t), float(lr_t))
+                    eps_t, lr_t)
 
     def state(self):
         return {"m": self.m, "v": self.v}

@@ -17,17 +17,22 @@ shard computed by one of the caller's threads into its own workspace:
     step      opt.step(params, grad) on the flat buffers (Adam's is one compiled pass)
 
 So the math is the numpy engine's, written once in parnn.core; this engine removes the
-allocations and per-batch copies, and spreads the shards over threads. Data parallelism inside
-the process, not BLAS threads: with 2 threads each runs its shard's GEMMs single-threaded (64
-rows at batch 128) instead of both threads splitting every small GEMM, and an OpenBLAS pool
-that spins next to a busy neighbour cannot collapse the epoch (measured in docs/ENGINES.md).
-The shards are fixed by S, not by the thread count, and summed in one order, so the results
-are the same bits at any thread count. shards=1 gives the numpy engine's bits (one gradient,
-BLAS threads as the caller set them); it is faster on one core, where a second shard only adds
-its Python and a second pass over each weight matrix. With float32 data and parameters
-nothing is ever converted. A full batch (every sample at once) uses X as it is instead of
-gathering it in the shuffled order: the gradient is a sum over all samples, so only the
-rounding order changes.
+allocations and per-batch copies, and spreads the shards over threads. For a dense ReLU
+network with softmax + cross-entropy and Adam (the modern preset) the same steps run fused
+and compiled, a whole chunk of batches per call and thread, no Python per batch
+(parnn.engines.fused; `fused=False` keeps the general path described here).
+
+Data parallelism inside the process, not BLAS threads: with 2 threads each runs its shard's
+GEMMs single-threaded (64 rows at batch 128) instead of both threads splitting every small
+GEMM, and an OpenBLAS pool that spins next to a busy neighbour cannot collapse the epoch
+(measured in docs/ENGINES.md). The shards are fixed by S, not by the thread count, and summed
+in one order, so the results are the same bits at any thread count. shards=1 on the general
+path gives the numpy engine's bits (one gradient, BLAS threads as the caller set them); the
+fused path's feature-major GEMMs round differently. One shard is faster on one core, where
+a second shard only adds its Python and a second pass over each weight matrix. With float32
+data and parameters nothing is ever converted. A full batch (every sample at once) uses X as
+it is instead of gathering it in the shuffled order: the gradient is a sum over all samples,
+so only the rounding order changes.
 """
 
 from __future__ import annotations
@@ -141,17 +146,22 @@ class BatchEngine:
     reducer, whose processes are the data parallelism). Threads = Numba's thread count, which
     parnn.run.train.set_threads sets with BLAS's; with a reducer and S > 1, on_layer is
     called for each layer once the shards are summed, last layer first.
+    fused: take the fused path where it applies (see `fuses`); False: always the general one.
     """
 
     name = "batch"
     takes_pixels = True     # uint8 X (x / 255) is scaled in the gather
 
-    def __init__(self, reducer=None, augment=None, dropout=None, shards=None):
+    def __init__(self, reducer=None, augment=None, dropout=None, shards=None, fused=True):
         self.reducer = reducer
         self.augment = augment
         self.dropout = dropout
         self.shards = shards
+        self.fused = fused      # False: always the general path (to compare against)
         self._shards = None     # (key, params, [(training net, workspace)] per shard)
+        self._plan = None       # (key, the fused path's buffers: parnn.engines.fused.Plan)
+        self.solo_batches = 0   # fused path: batches thread 0 ran alone after the threads gave up
+        self._patience = ()     # (patience,) overrides fused.PATIENCE (tests)
         self._aug = None        # the augmented block of batches
         self._blas = None       # threadpoolctl's controller, made on first use
 
@@ -213,8 +223,10 @@ class BatchEngine:
         B = min(batch_size, max(len(order), 1))
         S = self.shards_for(net.spec)
         S = max(1, min(S, B))                    # a shard of a batch has at least one sample
-        shards = self.shard_nets(net, B, S)
         nt = min(S, _threads())                  # threads that run the shards
+        if self.fuses(net, opt, X, B):
+            return self._train_fused(net, opt, X, T, order, B, S, nt)
+        shards = self.shard_nets(net, B, S)
         on_layer = getattr(self.reducer, "on_layer", None)
         # Augmenting AUGMENT_BATCHES batches in one parallel call, not one batch per call:
         # a Numba region between every pair of BLAS calls makes the two thread pools fight
@@ -282,6 +294,48 @@ class BatchEngine:
                 opt.step(net.params, grad)
         # summed in shard order, not as they came: the same stats at any thread count
         return EpochStats(float(sum(losses.tolist())), int(hits.sum()), n)
+
+    def fuses(self, net, opt, X, B):
+        """Whether train takes the fused path (parnn.engines.fused): a dense ReLU network with
+        softmax + cross-entropy, Adam, batches smaller than X, none of the options."""
+        spec = net.spec
+        if not (self.fused and not spec.arch and spec.hidden == "relu"
+                and spec.output == "softmax" and spec.loss == "cross_entropy"
+                and getattr(opt, "name", None) == "adam" and B < len(X)
+                and self.reducer is None and self.augment is None and self.dropout is None):
+            return False
+        from parnn.engines import fused
+        return fused.available()
+
+    def _train_fused(self, net, opt, X, T, order, B, S, nt):
+        """train's batches on the fused path: one compiled call per thread for all of them."""
+        from parnn.engines import fused
+
+        key = (net.spec, B, S)
+        if self._plan is None or self._plan[0] != key:
+            self._plan = None                    # free the old buffers before the new ones
+            self._plan = (key, fused.Plan(net.spec, B, S))
+        plan = self._plan[1]
+        n_batches = -(-len(order) // B)
+        steps = np.array([opt.scalars(opt.t + k) for k in range(1, n_batches + 1)],
+                         net.dtype).reshape(n_batches, 2)     # fused.adam_sum's precision
+        losses, hits = np.zeros(S), np.zeros(S, np.int64)
+        plan.flags[:] = 0
+
+        gave_up = [0]
+
+        def job(t):
+            done = fused.train(plan, t, nt, net, opt, X, T, order, B, steps, opt.decay(), losses,
+                               hits, *self._patience)
+            if t == 0:
+                gave_up[0] = done
+
+        with Crew(nt, self._blas_single if nt > 1 else None) as crew:
+            crew.run(job)
+        if gave_up[0]:                           # a busy neighbour: one thread went on alone
+            self.solo_batches += n_batches - gave_up[0]
+        opt.t += n_batches
+        return EpochStats(float(sum(losses.tolist())), int(hits.sum()), len(order))
 
     def _blas_single(self):
         """A context in which BLAS runs on the calling thread only (each shard's thread)."""
