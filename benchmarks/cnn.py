@@ -1,6 +1,6 @@
 """The default CNN (conv32:3,pool,conv64:3,pool,dense128 -> 10; ReLU, softmax cross-entropy,
-Adam, batch 128, float32): parnn's batch engine against PyTorch on the same network, time per
-training batch (forward, backward, Adam step), each run a fresh process.
+Adam, batch 128, float32): parnn's batch engine against PyTorch and JAX on the same network,
+time per training batch (forward, backward, Adam step), each run a fresh process.
 
     flock /tmp/bench.lock env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE \\
         .venv/bin/python benchmarks/cnn.py --threads 1 2 --rounds 3
@@ -8,11 +8,17 @@ training batch (forward, backward, Adam step), each run a fresh process.
 runs every implementation at every thread count, interleaved, `rounds` times, and prints the
 median batch time of each (and x 469, one epoch of 60,000 samples). With --phases: parnn's
 time per layer, forward and backward, at each thread count. With --direct: each conv layer's
-forward by im2col + GEMM against a direct convolution compiled by Numba. One run: a warm-up of 3
-batches (Numba compiles or loads its cache), then 3 timings of `--batches` batches on random
-inputs; the run's figure is the median of the 3. Implementations:
+forward by im2col + GEMM against a direct convolution compiled by Numba. With --strategies:
+conv64's GEMMs shared among the threads by BLAS, over the batch, or over output channels.
+One run: a warm-up of 3 batches (Numba compiles or loads its cache), then 3 timings of
+`--batches` batches on random inputs; the run's figure is the median of the 3. Implementations:
 
     torch        torch.nn.Sequential of Conv2d/ReLU/MaxPool2d/Flatten/Linear, torch.set_num_threads
+    jax          the same network in JAX (jax.lax.conv_general_dilated, NHWC; parnn.bench.runners.
+                 jax_model), one jitted optax Adam step per batch, the process pinned to
+                 `threads` cores (XLA sizes its pool from the cores it sees); warm-up: compiling
+    jax-scan     the same, but all the run's batches ONE jitted lax.scan (not run by default:
+                 XLA's CPU convolutions inside the loop are far slower)
     parnn-numba  parnn's conv kernels parallel over the batch on Numba's threads, BLAS's own
                  threads for the products (what parnn uses: parnn.core.conv.THREADS_BY)
     parnn-blas   the same kernels on the calling thread: BLAS's threads the only pool
@@ -28,7 +34,8 @@ import time
 import numpy as np
 
 ARCH = "conv32:3,pool,conv64:3,pool,dense128"
-IMPLS = ("torch", "parnn-numba", "parnn-blas")
+IMPLS = ("torch", "jax", "parnn-numba", "parnn-blas")
+OTHER_IMPLS = ("jax-scan",)
 B = 128
 
 
@@ -54,6 +61,8 @@ def one_run(impl, threads, batches):
                 loss = nn.functional.cross_entropy(net(Xt[batch]), yt[batch])
                 loss.backward()
                 opt.step()
+    elif impl.startswith("jax"):
+        return jax_run(threads, X, y, batches, scan=impl == "jax-scan")
     else:
         import numba
         from threadpoolctl import threadpool_limits
@@ -81,6 +90,131 @@ def one_run(impl, threads, batches):
         train(batches)
         times.append((time.perf_counter() - t) / batches)
     return float(np.median(times))
+
+
+def jax_run(threads, X, y, batches, scan=False):
+    """one_run's jax: the median seconds per batch of 3 passes over the batches (a jitted step
+    per batch, or with scan one jitted lax.scan over them all), after a pass that compiles."""
+    os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:threads])   # before XLA starts
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from parnn.bench.runners import jax_model
+    from parnn.core.model import MLP, Spec
+
+    spec = Spec((784, 10), "relu", "softmax", "cross_entropy", "float32", ARCH)
+    params, logits = jax_model(MLP(spec, init="he", seed=1))
+    tx = optax.adam(1e-3)
+    Xb = jnp.asarray(X).reshape(batches, B, 784)
+    Tb = jax.nn.one_hot(jnp.asarray(y), 10, dtype=jnp.float32).reshape(batches, B, 10)
+
+    def loss(params, x, t):
+        return optax.softmax_cross_entropy(logits(params, x), t).mean()
+
+    def step(carry, xt):
+        params, state = carry
+        g = jax.grad(loss)(params, *xt)
+        updates, state = tx.update(g, state, params)
+        return (optax.apply_updates(params, updates), state), None
+
+    if scan:
+        train = jax.jit(lambda params, state: jax.lax.scan(step, (params, state), (Xb, Tb))[0])
+    else:
+        one = jax.jit(lambda carry, x, t: step(carry, (x, t))[0])
+        pairs = [(Xb[i], Tb[i]) for i in range(batches)]       # sliced once, not timed
+
+        def train(params, state):
+            carry = (params, state)
+            for x, t in pairs:
+                carry = one(carry, x, t)
+            return carry
+
+    carry = jax.block_until_ready(train(params, tx.init(params)))     # compiles
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        carry = jax.block_until_ready(train(*carry))
+        times.append((time.perf_counter() - t) / batches)
+    return float(np.median(times))
+
+
+def strategies(threads, reps=20):
+    """The costliest kernel, conv64's three GEMMs (cols (M, K) with M = B*14*14 pixel rows,
+    K = 3*3*32; W (C_out = 64, K)), shared among `threads` three ways; median ms of reps:
+
+      blas      one GEMM each, OpenBLAS's own threads split it (what parnn does)
+      batch     the pixel rows M split at sample boundaries, a 1-thread GEMM per part on a
+                Python thread; dW = dz.T @ cols sums over M, so its parts are added after
+      channels  the output channels C_out split; dcols = dz @ W sums over C_out, so its
+                (M, K) parts are added after (that add split over rows too)
+
+    (Image tiles split M the same way as the batch for these GEMMs, with halos for im2col.)"""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    M, K, N = B * 14 * 14, 3 * 3 * 32, 64
+    cols, Wm = rng.random((M, K), dtype=np.float32), rng.random((N, K), dtype=np.float32)
+    dz = rng.random((M, N), dtype=np.float32)
+    z, dW, dcols = np.empty((M, N), np.float32), np.empty((N, K), np.float32), \
+        np.empty((M, K), np.float32)
+    pool = ThreadPoolExecutor(threads)
+    parts = lambda n, unit=1: [slice(n // unit * t // threads * unit,
+                                     n // unit * (t + 1) // threads * unit) for t in range(threads)]
+    rows, chans = parts(M, 14 * 14), parts(N)
+    dW_part = np.empty((threads, N, K), np.float32)
+    dcols_part = np.empty((threads, M, K), np.float32)
+
+    def each(f, pieces):
+        list(pool.map(f, range(len(pieces)), pieces))
+
+    def blas():
+        yield lambda: np.matmul(cols, Wm.T, out=z)
+        yield lambda: np.matmul(dz.T, cols, out=dW)
+        yield lambda: np.matmul(dz, Wm, out=dcols)
+
+    def batch():
+        yield lambda: each(lambda t, r: np.matmul(cols[r], Wm.T, out=z[r]), rows)
+
+        def dW_by_rows():
+            each(lambda t, r: np.matmul(dz[r].T, cols[r], out=dW_part[t]), rows)
+            dW_part.sum(axis=0, out=dW)
+        yield dW_by_rows
+        yield lambda: each(lambda t, r: np.matmul(dz[r], Wm, out=dcols[r]), rows)
+
+    def channels():
+        yield lambda: each(lambda t, c: np.matmul(cols, Wm[c].T, out=z[:, c]), chans)
+        yield lambda: each(lambda t, c: np.matmul(dz[:, c].T, cols, out=dW[c]), chans)
+
+        def dcols_by_channels():
+            each(lambda t, c: np.matmul(dz[:, c], Wm[c], out=dcols_part[t]), chans)
+            each(lambda t, r: np.sum(dcols_part[:, r], axis=0, out=dcols[r]), rows)
+        yield dcols_by_channels
+
+    results = {}
+    for name, gen in (("blas", blas), ("batch", batch), ("channels", channels)):
+        if threads == 1 and name != "blas":
+            continue
+        with threadpool_limits(threads if name == "blas" else 1, user_api="blas"):
+            fs = list(gen())
+            ts = np.zeros((reps + 2, len(fs)))
+            for r in range(reps + 2):
+                for i, f in enumerate(fs):
+                    t = time.perf_counter()
+                    f()
+                    ts[r, i] = time.perf_counter() - t
+        results[name] = (np.median(ts[2:], axis=0), np.median(ts[2:].sum(1)), dW.copy(),
+                         dcols.copy())
+    ref = results["blas"]
+    print(f"{threads} thread(s), conv64's GEMMs (M={M}, K={K}, C_out={N}), median ms of {reps}:")
+    print(f"  {'strategy':10} {'z = cols W.T':>13} {'dW = dz.T cols':>15} {'dcols = dz W':>13} "
+          f"{'all three':>10}")
+    for name, (each_ms, total, dW_, dcols_) in results.items():
+        assert np.allclose(dW_, ref[2], rtol=1e-3) and np.allclose(dcols_, ref[3], rtol=1e-3)
+        print(f"  {name:10} {each_ms[0] * 1e3:13.2f} {each_ms[1] * 1e3:15.2f} "
+              f"{each_ms[2] * 1e3:13.2f} {total * 1e3:10.2f}")
 
 
 def phases(threads, reps=10):
@@ -186,7 +320,7 @@ def direct(threads, reps=20):
 
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS + OTHER_IMPLS)
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batches", type=int, default=20)
@@ -194,10 +328,12 @@ def main(argv):
                    help="instead: parnn's time per layer, forward and backward, at each --threads")
     p.add_argument("--direct", action="store_true",
                    help="instead: a conv forward by im2col + GEMM against a direct convolution")
+    p.add_argument("--strategies", action="store_true",
+                   help="instead: conv64's GEMMs split over the batch or over output channels")
     p.add_argument("--one", nargs=2, metavar=("IMPL", "THREADS"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.direct or a.phases:
-        fn = "direct" if a.direct else "phases"
+    if a.direct or a.phases or a.strategies:
+        fn = "direct" if a.direct else "phases" if a.phases else "strategies"
         for threads in a.threads:
             here = os.path.dirname(os.path.abspath(__file__))
             subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {here!r}); "

@@ -114,6 +114,42 @@ def test_modern_workload_with_peers(data, tmp_path, capsys):
     assert (out_dir / "time.png").read_bytes()[:8] == PNG
 
 
+def test_cnn_workload_trains_the_default_cnn(data, tmp_path, capsys):
+    from parnn.run.config import CNN_LAYERS
+
+    out_dir = tmp_path / "bench"
+    code, out, err = bench_main(["--workload", "cnn", "--limit-train", "300", "--epochs", "4",
+                                 "--threads", "1", "--repeat", "2", "--peers", "torch,sklearn",
+                                 "--data", str(data), "--no-progress", "--out", str(out_dir)],
+                                capsys)
+    assert code == 0, err
+    assert f"W3 cnn: 784-[{CNN_LAYERS}]-10" in out
+    res = json.loads((out_dir / "bench.json").read_text())
+    wl = res["workload"]
+    assert wl["layers"] == CNN_LAYERS and wl["optimizer"] == "adam" and wl["batch_size"] == 128
+    assert wl["n_params"] == 421642
+    # multiply-adds per layer: a conv layer's weights at every output pixel, a dense layer's
+    # once; x 3 (forward, errors, update) less the first layer's errors, x 2 flops each
+    macs = [28 * 28 * 32 * (3 * 3 * 1), 14 * 14 * 64 * (3 * 3 * 32), 3136 * 128, 128 * 10]
+    assert wl["flops_per_sample"] == 2 * (3 * sum(macs) - macs[0])
+    assert res["command"].startswith("parnn bench --workload cnn")
+    assert "peer sklearn has no convolutional layers: skipped" in res["notes"]
+    rows = list(csv.DictReader((out_dir / "bench.csv").open()))
+    assert {(r["kind"], r["name"], r["workload"]) for r in rows} >= {("engine", "batch", "W3")}
+    batch = next(r for r in rows if r["name"] == "batch")
+    assert int(batch["repeats"]) == 2 and int(batch["samples"]) == 1200
+    # it learned: the synthetic classes are far apart, chance is 0.1; and every run of the
+    # same seed trained the same network, whatever it cost
+    runs = [r for r in res["runs"] if r["name"] == "batch"]
+    assert runs[0]["test_acc"] > 0.2 and runs[0]["test_acc"] == runs[1]["test_acc"]
+    torch_rows = [r for r in rows if r["name"] == "torch"]
+    if torch_rows:                                  # torch trains the same CNN from parnn's init
+        assert abs(float(torch_rows[0]["test_acc"]) - runs[0]["test_acc"]) <= 2 / 50
+    else:
+        assert any("torch" in n for n in res["notes"])
+    assert (out_dir / "time.png").read_bytes()[:8] == PNG
+
+
 # --- the phases come from the engines' own timers and account for the profiled run ------------
 
 @pytest.fixture(scope="module")
@@ -212,6 +248,8 @@ def test_every_option_is_a_flag_of_the_cli(capsys):
     (["--threads", "4096"], "more than Numba's pool"),
     (["--limit-train", "0"], "--limit-train must be >= 1"),
     (["--quiet-wait", "-1"], "--quiet-wait must be >= 0"),
+    (["--workload", "cnn", "--hidden", "16"], "--hidden does not apply to the cnn workload"),
+    (["--workload", "cnn", "--engines", "neuron"], "engine neuron cannot run the cnn"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(argv, message, tmp_path, capsys):
     code = None
@@ -289,3 +327,22 @@ def test_a_peer_runs_pinned_in_a_child_and_trains_what_parnn_trains(peer, tmp_pa
     _, ours = runners.train_run(make_engine("batch"), w, 1)
     assert abs(out["test_acc"] - ours["test_acc"]) <= 2 / 300
     assert pinned.pinned_run(peer, w, 1, warm_up=True) is None
+
+
+@pytest.mark.parametrize("peer", ["jax", "torch"])
+def test_a_peer_trains_the_same_cnn(peer, tmp_path):
+    """The peers' CNN is parnn's: the same layers, layouts (NHWC, flatten order), init and
+    steps, so the same test accuracy give or take a sample or two."""
+    from parnn.bench import pinned
+    from parnn.data import load_dataset
+    from parnn.run.config import CNN_LAYERS, make_config
+
+    pytest.importorskip(peer)
+    d = write_dataset(tmp_path, n_train=500, n_test=200)
+    cfg = make_config("modern", layers=CNN_LAYERS, epochs=2)   # a ragged last batch of 116
+    w = runners.make_work(cfg, load_dataset("fashion-mnist", d, cfg.dtype))
+    out = pinned.pinned_run(peer, w, 1)
+    assert "error" not in out, out
+    _, ours = runners.train_run(make_engine("batch"), w, 1)
+    assert ours["test_acc"] > 0.3
+    assert abs(out["test_acc"] - ours["test_acc"]) <= 2 / 200

@@ -67,10 +67,10 @@ def prepare(opts):
     if any(p < 1 for p in threads):
         raise ConfigError(f"--threads must be >= 1 each, got {','.join(map(str, threads))}")
     threads = tuple(sorted(set(threads)))
-    cfg = make_config(opts.workload, hidden=opts.hidden, epochs=opts.epochs, seed=opts.seed)
+    cfg = workload_config(opts)
     spec = cfg.spec()
-    engines = opts.engines or tuple(e for e in (PER_SAMPLE if opts.workload == "paper" else BATCH)
-                                    if e in available())
+    default = {"paper": PER_SAMPLE, "modern": BATCH, "cnn": ("batch",)}[opts.workload]
+    engines = opts.engines or tuple(e for e in default if e in available())
     made = {}
     for name in engines:
         engine = made[name] = engine_maker(name, opts.dense)()     # ConfigError: unknown engine
@@ -96,6 +96,19 @@ def prepare(opts):
             raise ConfigError("--c-reference: the C reference only runs the paper workload with "
                               "two hidden layers")
     return dataclasses.replace(opts, engines=engines, threads=threads), cfg, made
+
+
+def workload_config(opts):
+    """The TrainConfig a workload trains: its preset's; for cnn the modern preset's settings
+    (Adam, batch 128, float32) with the layers of `parnn train --model cnn`."""
+    from parnn.run.config import CNN_LAYERS, make_config
+
+    if opts.workload != "cnn":
+        return make_config(opts.workload, hidden=opts.hidden, epochs=opts.epochs, seed=opts.seed)
+    if opts.hidden is not None:
+        raise ConfigError(f"--hidden does not apply to the cnn workload (its layers are "
+                          f"{CNN_LAYERS}): drop --hidden")
+    return make_config("modern", layers=CNN_LAYERS, epochs=opts.epochs, seed=opts.seed)
 
 
 def engine_maker(name, dense, profile=False):
@@ -136,7 +149,9 @@ def run(opts, log=print):
                               for b in harness.blas_info()))
     peers = []
     for p in opts.peers:
-        if importlib.util.find_spec(p) is None:
+        if p == "sklearn" and spec.arch:
+            note("peer sklearn has no convolutional layers: skipped")
+        elif importlib.util.find_spec(p) is None:
             note(f"peer {p} is not installed (pip install 'parnn[peers]'): skipped")
         else:
             peers.append(p)
@@ -270,6 +285,7 @@ def workload_info(opts, cfg):
 
     spec = cfg.spec()
     return {"name": opts.workload, "id": WORKLOADS[opts.workload], "sizes": list(spec.sizes),
+            "layers": spec.arch, "shape": spec.shape_text(), "n_params": spec.n_params,
             "hidden": spec.hidden, "output": spec.output, "loss": spec.loss, "dtype": spec.dtype,
             "optimizer": cfg.optimizer, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule,
             "batch_size": cfg.batch_size, "init": cfg.init, "epochs": cfg.epochs, "seed": cfg.seed,

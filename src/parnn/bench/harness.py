@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import fcntl
+import math
 import os
 import platform
 import re
@@ -149,8 +150,13 @@ def two_core_probe(kb=640, reps=300):
 def flops_per_sample(spec):
     """Multiply-adds x 2 of one sample's training step, the same for per-sample and mini-batch:
     forward (every weight once), errors (every weight but the input layer's), update (every
-    weight once). Bias and activation work is not counted."""
-    macs = [n_in * n_out for n_out, n_in in spec.shapes()]
+    weight once). Bias and activation work is not counted. A conv layer's weights are used at
+    every output pixel: its multiply-adds are H_out W_out x its weights; pooling adds none."""
+    if spec.arch:
+        macs = [math.prod(layer.out_shape[:-1]) * math.prod(layer.shapes[0])
+                for layer in spec.layers(compiled=False) if layer.shapes]
+    else:
+        macs = [n_in * n_out for n_out, n_in in spec.shapes()]
     return 2 * (3 * sum(macs) - macs[0])
 
 

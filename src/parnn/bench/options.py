@@ -14,9 +14,15 @@ import argparse
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-WORKLOADS = {"paper": "W1", "modern": "W2"}     # workload = run.train's preset of that name
+# workload = run.train's preset of that name; cnn = the modern preset with `--model cnn`'s layers
+WORKLOADS = {"paper": "W1", "modern": "W2", "cnn": "W3"}
 PEERS = ("torch", "jax", "sklearn")
 DATASETS = ("fashion-mnist", "mnist")
+
+
+def workload_of(cfg):
+    """The workload a TrainConfig is: its preset's, or cnn for a layer list."""
+    return "cnn" if cfg.layers else cfg.preset
 
 
 def int_list(text):
@@ -62,12 +68,12 @@ class Options:
     workload: str = flag("paper", "--workload", always=True, choices=tuple(WORKLOADS))
     engines: tuple = flag((), "--engines", always=True, type=names,
                           help="comma-separated; default: serial,neuron,hogwild,owner for paper, "
-                          "batch,numpy for modern")
+                          "batch,numpy for modern, batch for cnn")
     threads: tuple = flag((), "--threads", always=True, type=int_list,
                           help="comma-separated thread counts, e.g. 1,2,4 (default: 1, 2, 4, ... "
                           "up to all cores)")
     hidden: tuple | None = flag(None, "--hidden", type=int_list,
-                                help="hidden layer sizes (default: 256,128)")
+                                help="hidden layer sizes (default: 256,128; not for cnn)")
     epochs: int = flag(1, "--epochs", always=True, type=int, help="epochs per run (default: 1)")
     limit_train: int | None = flag(None, "--limit-train", type=int, metavar="N",
                                    help="train on the first N samples (times are also reported "

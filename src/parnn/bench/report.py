@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 
 from parnn.bench.harness import GEMM_N, flops_per_sample, usable_cores
-from parnn.bench.options import WORKLOADS
+from parnn.bench.options import WORKLOADS, workload_of
 from parnn.bench.overhead import EPOCH, PAPER_TIMES
 from parnn.engines.persample import PHASES
 
@@ -25,8 +25,9 @@ def summarize(runs, w, peak):
         samples = EPOCH * len(w.orders) if kind == "c-reference" else w.samples
         g = flops * samples / med / 1e9
         others = [r["others"] for r in rs if r["others"] is not None]
-        rows.append({"workload": WORKLOADS[w.cfg.preset], "kind": kind, "name": name, "threads": p,
-                     "oversubscribed": p > cores, "repeats": len(ts), "samples": samples,
+        rows.append({"workload": WORKLOADS[workload_of(w.cfg)], "kind": kind, "name": name,
+                     "threads": p, "oversubscribed": p > cores, "repeats": len(ts),
+                     "samples": samples,
                      "time_s": med, "time_min_s": min(ts), "time_max_s": max(ts),
                      "epoch_60k_s": med * EPOCH / samples,
                      "gflops": g, "gemm_peak_gflops": peak[p], "peak_fraction": g / peak[p],
@@ -65,6 +66,12 @@ BREAKDOWN_COLUMNS = ("engine", "threads", "total_s", "profiled_s",
                      "sync_s", "sync_kind", "sync_per_sample", "sync_us_each")
 
 
+def _shape(wl):
+    """784-256-128-10, or 784-[conv32:3,pool,...]-10 (results written before layer lists have
+    no 'shape')."""
+    return wl.get("shape") or "-".join(map(str, wl["sizes"]))
+
+
 def _f(v, fmt):
     return "-" if v is None else format(v, fmt)
 
@@ -74,7 +81,7 @@ def report(res):
     wl, m = res["workload"], res["machine"]
     rows = res["results"]
     scaled = any(r["samples"] != EPOCH for r in rows if r["kind"] != "c-reference")
-    out = [f"\n{wl['id']} {wl['name']}: {'-'.join(map(str, wl['sizes']))} {wl['hidden']}/"
+    out = [f"\n{wl['id']} {wl['name']}: {_shape(wl)} {wl['hidden']}/"
            f"{wl['output']} {wl['loss']}, {wl['optimizer']} lr {wl['lr']} batch {wl['batch_size']},"
            f" {wl['dtype']}, {wl['epochs']} epoch(s) x {wl['samples']} samples",
            f"{m['cpu']}, {m['usable_cores']} cores; " + "; ".join(
@@ -165,7 +172,7 @@ def write_results(res, out):
         paths.append(out / "breakdown.csv")
         atomic_write_csv(paths[-1], res["breakdown"], BREAKDOWN_COLUMNS)
     wl = res["workload"]
-    title = (f"{wl['id']} {wl['name']}: {'-'.join(map(str, wl['sizes']))}, {wl['dtype']} — "
+    title = (f"{wl['id']} {wl['name']}: {_shape(wl)}, {wl['dtype']} — "
              f"{res['machine']['cpu']}, {res['machine']['usable_cores']} cores, "
              f"{res['started_utc'][:10]}")
     if wl["samples"] * wl["epochs"] != EPOCH:

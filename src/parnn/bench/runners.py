@@ -107,19 +107,8 @@ def torch_run(w, threads, warm_up=False):
 
     cfg, spec = w.cfg, w.spec
     torch.set_num_threads(threads)
-    dt = getattr(torch, spec.dtype)
     net = MLP(spec, init=cfg.init, seed=cfg.seed)
-    act = {"tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid, "relu": torch.nn.ReLU}
-    layers = []
-    for l, (W, b) in enumerate(zip(net.W, net.b)):
-        lin = torch.nn.Linear(W.shape[1], W.shape[0], dtype=dt)
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(W))
-            lin.bias.copy_(torch.from_numpy(b))
-        layers.append(lin)
-        if spec.activation(l) != "softmax":      # softmax is inside CrossEntropyLoss
-            layers.append(act[spec.activation(l)]())
-    model = torch.nn.Sequential(*layers)
+    model = torch_model(net) if spec.arch else torch_mlp(net)
     if cfg.optimizer == "adam":
         opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     else:
@@ -154,9 +143,77 @@ def torch_run(w, threads, warm_up=False):
             for g in opt.param_groups:
                 g["lr"] = lr_at(cfg, epoch)
             steps(order)
+    rows = spec.rows_at_once(4096)               # a CNN's test images: 256 at a time
     with torch.no_grad():
-        pred = model(torch.from_numpy(w.X_test)).argmax(1).numpy()
+        pred = np.concatenate([model(torch.from_numpy(w.X_test[i:i + rows])).argmax(1).numpy()
+                               for i in range(0, len(w.X_test), rows)])
     return {"time_s": t.seconds, "others": t.others, "test_acc": float(np.mean(pred == w.y_test))}
+
+
+def torch_mlp(net):
+    """parnn's MLP `net` as a torch.nn.Sequential of Linear layers, with its weights."""
+    import torch
+
+    spec = net.spec
+    dt = getattr(torch, spec.dtype)
+    act = {"tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid, "relu": torch.nn.ReLU}
+    layers = []
+    for l, (W, b) in enumerate(zip(net.W, net.b)):
+        lin = torch.nn.Linear(W.shape[1], W.shape[0], dtype=dt)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(W))
+            lin.bias.copy_(torch.from_numpy(b))
+        layers.append(lin)
+        if spec.activation(l) != "softmax":      # softmax is inside CrossEntropyLoss
+            layers.append(act[spec.activation(l)]())
+    return torch.nn.Sequential(*layers)
+
+
+def torch_model(net):
+    """parnn's layer-list network `net` (conv, pool, dense) as a torch.nn.Sequential with its
+    weights: the same function of the (B, 784) rows. torch is NCHW and parnn NHWC, so a conv
+    kernel (C_out, k, k, C_in) becomes (C_out, C_in, k, k), and the flatten before the first
+    dense layer goes back to NHWC first, so that dense layer keeps parnn's column order."""
+    import torch
+
+    from parnn.core.conv import Conv2D, Flatten, MaxPool2D
+
+    nn = torch.nn
+    dt = getattr(torch, net.spec.dtype)
+    act = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid}
+    H, W, C = net.layers[0].in_shape
+    layers = [nn.Unflatten(1, (H, W, C)), permute(0, 3, 1, 2)]     # rows -> NHWC -> NCHW
+    for layer, p in zip(net.layers, net.layer_params):
+        if isinstance(layer, Conv2D):
+            mod = nn.Conv2d(layer.c_in, layer.c_out, layer.k, padding=layer.pad, dtype=dt)
+            weight = torch.from_numpy(np.ascontiguousarray(p[0].transpose(0, 3, 1, 2)))
+        elif isinstance(layer, MaxPool2D):
+            layers.append(nn.MaxPool2d(2))
+            continue
+        elif isinstance(layer, Flatten):
+            layers += [permute(0, 2, 3, 1), nn.Flatten()]             # NCHW -> NHWC -> rows
+            continue
+        else:                                                         # Dense
+            mod = nn.Linear(layer.n_in, layer.n_out, dtype=dt)
+            weight = torch.from_numpy(p[0])
+        with torch.no_grad():
+            mod.weight.copy_(weight)
+            mod.bias.copy_(torch.from_numpy(p[1]))
+        layers.append(mod)
+        if layer.activation in act:              # the output layer's softmax: in the loss
+            layers.append(act[layer.activation]())
+    return nn.Sequential(*layers)
+
+
+def permute(*dims):
+    """A torch module that permutes its input's dimensions (torch has none of its own)."""
+    import torch
+
+    class _Permute(torch.nn.Module):
+        def forward(self, x):
+            return x.permute(*dims)
+
+    return _Permute()
 
 
 def sklearn_run(w, threads, warm_up=False):
@@ -190,7 +247,8 @@ def sklearn_run(w, threads, warm_up=False):
 def jax_run(w, threads, warm_up=False):
     """The same network, init, sample order and optimizer in JAX, written as JAX is fastest:
     the whole epoch ONE jitted `lax.scan` over the full batches (the gather X[idx], forward,
-    `jax.grad`, the optax step), the ragged last batch one more jitted step; the data on the
+    `jax.grad`, the optax step; for a CNN a loop of jitted steps instead, see run_epoch), the
+    ragged last batch one more jitted step; the data on the
     device (uint8 pixels scaled to floats once, up front). Compiling is timed apart
     (compile_s), ahead of the clock. XLA sizes its thread pool from the cores it sees: run it
     pinned (pinned_run), `threads` says nothing to it."""
@@ -208,16 +266,9 @@ def jax_run(w, threads, warm_up=False):
     if dt == jnp.float64:
         jax.config.update("jax_enable_x64", True)
     net = MLP(spec, init=cfg.init, seed=cfg.seed)
-    params = [(jnp.asarray(W.T), jnp.asarray(b)) for W, b in zip(net.W, net.b)]   # x @ W.T
+    params, logits = jax_model(net)
     act = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu,
            "identity": lambda z: z}
-
-    def logits(params, x):
-        for l, (W, b) in enumerate(params):
-            x = x @ W + b
-            if l < len(params) - 1:
-                x = act[spec.hidden](x)
-        return x                                 # the output layer's z
 
     def loss(params, x, t):
         z = logits(params, x)
@@ -255,7 +306,17 @@ def jax_run(w, threads, warm_up=False):
     if warm_up:                                  # nothing to warm: compiling is timed apart
         return None
     t0 = time.perf_counter()
-    run_epoch = epoch.lower(params, state, X, T, batches).compile()
+    if spec.arch and len(batches):
+        # XLA on CPU runs a convolution inside a loop (lax.scan) far slower than the same
+        # one at the top level (docs/RESULTS.md, W3): a CNN's epoch loops over jitted steps
+        run_step = jax.jit(step).lower(params, state, X, T, batches[0]).compile()
+
+        def run_epoch(params, state, X, T, batches):
+            for idx in batches:
+                params, state = run_step(params, state, X, T, idx)
+            return params, state
+    else:
+        run_epoch = epoch.lower(params, state, X, T, batches).compile()
     run_tail = tail_step.lower(params, state, X, T, tail).compile() if len(tail) else None
     compile_s = time.perf_counter() - t0
     epochs = [split(order) for order in w.orders]
@@ -266,11 +327,61 @@ def jax_run(w, threads, warm_up=False):
             if run_tail is not None:
                 params, state = run_tail(params, state, X, T, tail)
         jax.block_until_ready(params)
-    pred = np.asarray(jax.jit(logits)(params, jnp.asarray(
-        w.X_test.astype(spec.dtype) / np.dtype(spec.dtype).type(255)
-        if w.X_test.dtype == np.uint8 else w.X_test)).argmax(1))
+    X_test = jnp.asarray(w.X_test.astype(spec.dtype) / np.dtype(spec.dtype).type(255)
+                         if w.X_test.dtype == np.uint8 else w.X_test)
+    rows, scores = spec.rows_at_once(4096), jax.jit(logits)     # a CNN's: 256 images at a time
+    pred = np.concatenate([np.asarray(scores(params, X_test[i:i + rows]).argmax(1))
+                           for i in range(0, len(X_test), rows)])
     return {"time_s": t.seconds, "others": t.others, "test_acc": float(np.mean(pred == w.y_test)),
             "compile_s": round(compile_s, 3), "jax": jax.__version__}
+
+
+def jax_model(net):
+    """parnn's network `net` in JAX: (params, logits(params, x)), x the (B, 784) rows and
+    logits the output layer's z. A dense layer is x @ W.T + b; a layer list's conv layers are
+    lax.conv_general_dilated in parnn's own layouts (images NHWC, kernels (C_out, k, k, C_in) =
+    OHWI), so its flatten needs no reordering; 2x2 max-pooling is a max over a reshape."""
+    import jax
+    import jax.numpy as jnp
+
+    from parnn.core.conv import Conv2D, Flatten, MaxPool2D
+
+    act = {"tanh": jnp.tanh, "sigmoid": jax.nn.sigmoid, "relu": jax.nn.relu,
+           "identity": lambda z: z, "softmax": lambda z: z}     # softmax: in the loss
+    spec = net.spec
+    if not spec.arch:
+        params = [(jnp.asarray(W.T), jnp.asarray(b)) for W, b in zip(net.W, net.b)]
+
+        def mlp_logits(params, x):
+            for l, (W, b) in enumerate(params):
+                x = x @ W + b
+                if l < len(params) - 1:
+                    x = act[spec.hidden](x)
+            return x
+        return params, mlp_logits
+
+    layers = net.layers
+    params = [(jnp.asarray(p[0]), jnp.asarray(p[1])) if p else () for p in net.layer_params]
+
+    def cnn_logits(params, x):
+        x = x.reshape(len(x), *layers[0].in_shape)                 # (B, 28, 28, 1)
+        for layer, p in zip(layers, params):
+            if isinstance(layer, Conv2D):
+                x = jax.lax.conv_general_dilated(
+                    x, p[0], (1, 1), [(layer.pad, layer.pad)] * 2,
+                    dimension_numbers=("NHWC", "OHWI", "NHWC")) + p[1]
+            elif isinstance(layer, MaxPool2D):
+                B, H, W, C = x.shape
+                x = x.reshape(B, H // 2, 2, W // 2, 2, C).max(axis=(2, 4))
+                continue
+            elif isinstance(layer, Flatten):
+                x = x.reshape(len(x), -1)
+                continue
+            else:
+                x = x @ p[0].T + p[1]
+            x = act[layer.activation](x)
+        return x
+    return params, cnn_logits
 
 
 PEER_RUNS = {"torch": torch_run, "sklearn": sklearn_run, "jax": jax_run}
