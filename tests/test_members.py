@@ -1,10 +1,12 @@
 """An ensemble trained in one process (parnn.run.members, parnn.train(members=K))."""
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
 import synthetic_data
+from synthetic_data import parnn as run_cli, write_dataset
 
 import parnn
 from parnn.errors import ConfigError
@@ -77,3 +79,89 @@ def test_parnn_train_with_members_gives_an_ensemble_that_saves_and_loads(blobs, 
 def test_a_bad_member_count_is_refused(blobs, bad):
     with pytest.raises(ConfigError, match="members must be an integer >= 1"):
         parnn.train(blobs.X_train, blobs.y_train, members=bad, **FAST)
+
+
+# --- members that differ in how they train (recipes) -------------------------------------------
+
+def test_recipes_cycle_over_the_members_each_with_its_own_seed():
+    cfg = config.make_config("accurate", epochs=6)
+    configs = members.member_configs(cfg, 5, [{}, {"augment": "shift1"}])
+    assert [c.seed for c in configs] == [1, 2, 3, 4, 5]
+    assert [c.augment for c in configs] == ["none", "shift1", "none", "shift1", "none"]
+    for c in configs:      # nothing else changes: the preset's warm-up, decay, ... stay
+        assert dataclasses.replace(c, seed=1, augment="none") == cfg
+    named = members.member_configs(cfg, 5, "shift1")
+    assert named == configs
+    assert members.member_configs(cfg, 3) == members.member_configs(cfg, 3, "seeds") == \
+        [dataclasses.replace(cfg, seed=s) for s in (1, 2, 3)]
+
+
+def test_a_recipe_that_changes_the_network_or_is_unknown_is_refused():
+    cfg = config.make_config("modern", **FAST)
+    with pytest.raises(ConfigError, match="share one shape"):
+        members.member_configs(cfg, 2, [{}, {"hidden": (64,)}])
+    with pytest.raises(ConfigError, match="unknown member recipe 'bagging'"):
+        members.member_configs(cfg, 2, "bagging")
+    with pytest.raises(ConfigError, match="unknown setting"):
+        members.member_configs(cfg, 2, [{"widht": 3}])
+    with pytest.raises(ConfigError, match="dicts of settings"):
+        members.member_configs(cfg, 2, [])
+    with pytest.raises(ConfigError, match="cannot set seed"):
+        members.member_configs(cfg, 2, [{}, {"seed": 7}])
+
+
+def test_a_member_with_a_recipe_is_the_run_of_its_own_config(blobs):
+    cfg = config.make_config("modern", **FAST)
+    recipes = [{}, {"dropout": 0.3}]
+    model, _ = parnn.train(blobs.X_train, blobs.y_train, config=cfg, members=2,
+                           member_recipes=recipes)
+    rows, validation = api.holdout(cfg, blobs)
+    for net, member in zip(model.nets, members.member_configs(cfg, 2, recipes)):
+        alone = loop.fit(member, blobs, rows=rows, validation=validation, progress=False,
+                         log=lambda *a: None)
+        assert np.array_equal(net.params, alone.net.params)
+    plain = loop.fit(dataclasses.replace(cfg, seed=2), blobs, rows=rows, validation=validation,
+                     progress=False, log=lambda *a: None)
+    assert not np.array_equal(model.nets[1].params, plain.net.params)   # the dropout applied
+
+
+# --- parnn train --members K -------------------------------------------------------------------
+
+CLI = ["--hidden", "16", "--epochs", "2", "--engine", "numpy", "--threads", "1",
+       "--no-progress", "--batch-size", "32"]
+
+
+def test_parnn_train_members_saves_an_ensemble_that_evaluate_reads(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=300, n_test=60)
+    r = run_cli("train", "--data", data, "--out", tmp_path / "ens", *CLI, "--members", "3",
+                "--member-recipe", "shift1", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert [m["config"]["seed"] for m in out["members"]] == [1, 2, 3]
+    assert [m["config"]["augment"] for m in out["members"]] == ["none", "shift1", "none"]
+    model = parnn.load(tmp_path / "ens" / "model.safetensors")
+    assert len(model.nets) == 3 and model.meta["seeds"] == [1, 2, 3]
+    from parnn.data import load_dataset
+
+    ds = load_dataset("fashion-mnist", data, "uint8")
+    assert model.score(ds.X_test, ds.y_test) == pytest.approx(out["test_acc"])
+    e = run_cli("evaluate", tmp_path / "ens" / "model.safetensors", "--data", data, "--json")
+    assert e.returncode == 0, e.stderr
+    assert json.loads(e.stdout)["accuracy"] == pytest.approx(out["test_acc"])
+    again = run_cli("train", "--data", data, "--out", tmp_path / "ens", *CLI, "--members", "2")
+    assert again.returncode != 0 and "already holds a trained model" in again.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--members", "0"], "members must be an integer >= 1"),
+    (["--member-recipe", "shift1"], "--member-recipe only applies to --members"),
+    (["--members", "2", "--distributed", "ensemble"], "cannot be combined with --resume or"),
+    (["--members", "2", "--checkpoint-every", "5"], "--members trains without checkpoints"),
+    (["--members", "2", "--member-recipe", "bagging"], "invalid choice"),
+])
+def test_parnn_train_members_refuses_in_one_line(tmp_path, flags, message):
+    data = write_dataset(tmp_path / "data", n_train=100, n_test=20)
+    r = run_cli("train", "--data", data, "--out", tmp_path / "ens", *CLI, *flags)
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert not (tmp_path / "ens").exists()

@@ -172,6 +172,12 @@ def cmd_train(args):
     if args.rank_timeout is not None and not args.distributed:
         raise ConfigError("--rank-timeout only applies to --distributed (how long a silent "
                           "rank is waited for)")
+    if args.member_recipe is not None and args.members is None:
+        raise ConfigError("--member-recipe only applies to --members K (how each member trains)")
+    if args.members is not None and (args.resume is not None or args.distributed):
+        raise ConfigError("--members trains K networks one after another in this process and "
+                          "cannot be combined with --resume or --distributed (mpiexec -n K "
+                          "parnn train --distributed ensemble trains one per process)")
     _refuse_undistributed_launch(args)
     # With --json stdout is the JSON alone: the log goes to stderr.
     log = functools.partial(print, file=sys.stderr) if args.json else print
@@ -195,6 +201,8 @@ def cmd_train(args):
         if args.distributed:  # every MPI rank runs this; mpi4py is imported only there
             # The distributed runs train on the whole training set: say so in their files.
             return _train_distributed(args, replace(cfg, validation_split=0.0))
+        if args.members is not None and args.members != 1:
+            return _train_members(args, cfg, opts, log)
         result, paths = session.start(cfg, opts, log=log, warn=_warn)
     if args.json:
         import json
@@ -208,6 +216,24 @@ def cmd_train(args):
         if result.best_epoch is not None and result.best_epoch != len(result.history) else ""
     print(f"test accuracy {result.test_acc:.4f} after {len(result.history)} epoch(s){kept}; "
           f"model saved to {paths['model']}")
+
+
+def _train_members(args, cfg, opts, log):
+    """`parnn train --members K`: K networks one after another, saved as one ensemble file."""
+    from parnn.run import members
+
+    ens, paths = members.start(cfg, opts, args.members, args.member_recipe, log=log, warn=_warn)
+    if args.json:
+        import json
+
+        print(json.dumps({"test_acc": ens.test_acc, "val_acc": ens.val_acc,
+                          "files": {k: str(v) for k, v in paths.items()},
+                          "members": [{"config": r.config.to_dict(), "test_acc": r.test_acc,
+                                       "history": r.history} for r in ens.results]}))
+        return
+    accs = ", ".join(f"{r.test_acc:.4f}" for r in ens.results)
+    print(f"test accuracy {ens.test_acc:.4f} (soft vote of {args.members} members: {accs}); "
+          f"ensemble saved to {paths['model']}")
 
 
 def _show_config(cfg):

@@ -89,6 +89,7 @@ def _setting_adder(presets):
 def build_parser():
     from parnn.engines import available
     from parnn.run.config import CNN_LAYERS, PRESETS, DEFAULT_PRESET
+    from parnn.run.members import MEMBER_RECIPES
 
     top = Parser(prog="parnn", description="Train feedforward neural networks on Fashion-MNIST "
                  "in parallel (per-neuron threads, Hogwild, mini-batch BLAS, MPI).")
@@ -165,6 +166,13 @@ def build_parser():
     r.add_argument("--test-every-epoch", action="store_true",
                    help="score the test set after every epoch too (default: once, at the end, "
                    "on the weights returned: the test set never steers training)")
+    r.add_argument("--members", type=int, metavar="K",
+                   help="train an ensemble of K networks in this process, one after another "
+                   "(seeds SEED..SEED+K-1, one validation split), saved as one file that "
+                   "soft-votes (default: 1, a single network)")
+    r.add_argument("--member-recipe", choices=sorted(MEMBER_RECIPES), metavar="NAME",
+                   help="with --members: seeds (every member trains with the run's settings, "
+                   "the default) or shift1 (every other member with --augment shift1)")
     d = t.add_argument_group("data")
     _add_data_args(d, dataset=None)
     d.add_argument("--limit-train", type=int, metavar="N", help="train on the first N samples only")

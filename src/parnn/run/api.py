@@ -21,7 +21,8 @@ from parnn.run.config import batch_size_for, resolve
 
 
 def train(X, y, *, X_val=None, y_val=None, config=None, classes=None, class_names=None,
-          inputs="pixels", progress=False, log=None, members=1, **settings):
+          inputs="pixels", progress=False, log=None, members=1, member_recipes=None,
+          **settings):
     """Train a network on (X, y); returns (Model, history).
 
     X: (n, features) or (n, 28, 28) images; inputs="pixels" (the default) wants values in
@@ -39,6 +40,8 @@ def train(X, y, *, X_val=None, y_val=None, config=None, classes=None, class_name
 
     members: train an ensemble of this many networks, one after another (seeds seed,
     seed + 1, ...; parnn.run.members), on the same rows; the Model soft-votes.
+    member_recipes: settings that differ per member, cycled over them (a list of dicts such
+    as [{}, {"augment": "shift1"}], or a name in parnn.run.members.MEMBER_RECIPES).
 
     history: one dict per epoch: epoch, loss, train_acc, val_loss and val_acc (with a
     validation set), seconds, samples_per_s. With early_stopping the model holds the weights
@@ -63,13 +66,13 @@ def train(X, y, *, X_val=None, y_val=None, config=None, classes=None, class_name
     from parnn.run.members import check_members, train_members
 
     check_members(members)
-    if members == 1:
+    if members == 1 and member_recipes is None:
         result = run_training(cfg, data, validation=validation, progress=progress,
                               log=log or _quiet)
         meta = outputs.model_metadata(result, data, classes, inputs)
         return Model([result.net], classes, names, meta, inputs), result.history
-    ens = train_members(cfg, data, members, validation=validation, progress=progress,
-                        log=log or _quiet)
+    ens = train_members(cfg, data, members, recipes=member_recipes, validation=validation,
+                        progress=progress, log=log or _quiet)
     meta = outputs.model_metadata(ens.results[0], data, classes, inputs)
     meta.update(members=members, seeds=[r.config.seed for r in ens.results],
                 val_acc=ens.val_acc)

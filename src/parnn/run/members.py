@@ -1,11 +1,16 @@
 """An ensemble trained in one process: K members, one after another, each on every thread.
 
 Member k (0-based) is the run's config with seed + k: its own initial weights, sample order,
-dropout and augmentation draws. Every member trains on the same rows: the validation split is
-drawn once, from the run's own seed, so no member has seen the images the ensemble is validated
-on (with a different split per member, the vote would be scored on images most members trained
-on). The ensemble predicts by soft vote, the mean of the members' class probabilities, as an MPI
-ensemble does (parnn.distributed) and as parnn.load reads an ensemble file.
+dropout and augmentation draws. Given recipes (a list of settings, MEMBER_RECIPES names a few),
+member k also takes the settings of recipes[k % len(recipes)]: members that differ in how they
+train, not only in their seed, make fewer of the same mistakes (docs/ACCURACY.md, "Ensembles").
+Every member keeps the run's network shape, so that the ensemble is one file of one spec.
+
+Every member trains on the same rows: the validation split is drawn once, from the run's own
+seed, so no member has seen the images the ensemble is validated on (with a different split
+per member, the vote would be scored on images most members trained on). The ensemble predicts
+by soft vote, the mean of the members' class probabilities, as an MPI ensemble does
+(parnn.distributed) and as parnn.load reads an ensemble file.
 
 One after another rather than side by side: each member's matrix products already use every
 core (BLAS), and K members at once would hold K workspaces; `mpiexec -n K parnn train
@@ -14,7 +19,7 @@ core (BLAS), and K members at once would hold K workspaces; `mpiexec -n K parnn 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -22,7 +27,17 @@ from parnn.engines import scaled
 from parnn.errors import ConfigError
 from parnn.run import train as loop
 from parnn.run.api import holdout, memory_check
+from parnn.run.config import override
 from parnn.run.memory import SCORE_ROWS
+
+# What each member trains with, cycled over the members (`parnn train --member-recipe NAME`):
+# "seeds", the run's settings for all; "shift1", every other member trained on batches shifted
+# by up to a pixel (--augment shift1), whose mistakes differ more from the plain members' than
+# another seed's do (docs/ACCURACY.md, "Ensembles": what it gains, and what it does not).
+MEMBER_RECIPES = {
+    "seeds": ({},),
+    "shift1": ({}, {"augment": "shift1"}),
+}
 
 
 @dataclass
@@ -60,24 +75,100 @@ def check_members(members):
         raise ConfigError(f"members must be an integer >= 1, got {members!r}")
 
 
-def train_members(cfg, data, members, *, validation=None, log=print, **options):
-    """Train `members` networks of cfg (seeds cfg.seed, cfg.seed + 1, ...) on data; returns
-    Members. validation: a Subset scored after every epoch of every member; without one,
-    cfg.validation_split of data's training set is held out once, from cfg.seed. The other
-    options go to parnn.run.train.fit (progress, ...)."""
+def member_configs(cfg, members, recipes=None):
+    """The config of each member: cfg with seed + k and, given recipes (settings dicts, or a
+    name in MEMBER_RECIPES), the settings of recipes[k % len(recipes)]; ConfigError for a
+    recipe that changes the network's shape (one ensemble file holds one spec)."""
     check_members(members)
-    memory_check(cfg, data)
+    if recipes is None or isinstance(recipes, str):
+        if (recipes or "seeds") not in MEMBER_RECIPES:
+            raise ConfigError(f"unknown member recipe {recipes!r}: choose one of "
+                              f"{', '.join(MEMBER_RECIPES)}")
+        recipes = MEMBER_RECIPES[recipes or "seeds"]
+    recipes = list(recipes)
+    if not recipes or not all(isinstance(r, dict) for r in recipes):
+        raise ConfigError("member recipes must be one or more dicts of settings")
+    for fixed in ("seed", "validation_split"):   # member k's seed is seed + k; one split for all
+        if any(fixed in r for r in recipes):
+            raise ConfigError(f"a member recipe cannot set {fixed}: it is the run's for every "
+                              "member (member k trains with seed + k, on one split)")
+    configs = [override(cfg, **recipes[k % len(recipes)], seed=cfg.seed + k)
+               for k in range(members)]
+    for c in configs:
+        if c.spec() != cfg.spec():
+            raise ConfigError(f"a member recipe changes the network ({c.spec().shape_text()} "
+                              f"instead of {cfg.spec().shape_text()}): the members of one "
+                              "ensemble share one shape")
+    return configs
+
+
+def train_members(cfg, data, members, *, recipes=None, validation=None, log=print, **options):
+    """Train `members` networks of cfg (seeds cfg.seed, cfg.seed + 1, ...; recipes: see
+    member_configs) on data; returns Members. validation: a Subset scored after every epoch of
+    every member; without one, cfg.validation_split of data's training set is held out once,
+    from cfg.seed. The other options go to parnn.run.train.fit (progress, ...)."""
+    configs = member_configs(cfg, members, recipes)
+    for member in configs:          # a recipe may change the batch size: check each
+        memory_check(member, data)
     rows, validation = holdout(cfg, data, validation)   # once, from the run's seed
     test = None if data.X_test is None or not len(data.X_test) else \
         loop.Subset(data.X_test, data.y_test)
     results = []
-    for k in range(members):
+    for k, member in enumerate(configs):
         if members > 1:
-            log(f"member {k + 1} of {members} (seed {cfg.seed + k})")
-        result = loop.fit(replace(cfg, seed=cfg.seed + k), data, rows=rows,
-                          validation=validation, log=log, **options)
+            log(f"member {k + 1} of {members} (seed {member.seed}{_differs(cfg, member)})")
+        result = loop.fit(member, data, rows=rows, validation=validation, log=log, **options)
         results.append(result)
     nets = [r.net for r in results]
     val_acc = vote_accuracy(nets, validation) if validation is not None else None
     test_acc = vote_accuracy(nets, test) if test is not None else None
     return Members(results, val_acc, test_acc)
+
+
+def _differs(cfg, member):
+    """', augment shift1': the settings in which a member differs from the run, as text."""
+    a, b = cfg.to_dict(), member.to_dict()
+    return "".join(f", {k.replace('_', '-')} {b[k]}" for k in a if k != "seed" and a[k] != b[k])
+
+
+def start(cfg, opts, members, recipes=None, log=print, warn=None):
+    """`parnn train --members K`: a new run of K members (opts: a parnn.run.session.RunOptions
+    without checkpoints), saved as one ensemble file that parnn evaluate, parnn.load and parnn
+    export read, beside history.json (each member's config and history). Returns (Members,
+    {name: path})."""
+    from parnn import atomic, io
+    from parnn.data import load_dataset
+    from parnn.paths import check_output_dir
+    from parnn.run import outputs, rundir, session
+    from parnn.run.config import capped_threads
+
+    if opts.checkpoint_dir is not None or opts.checkpoint_every is not None:
+        raise ConfigError("--members trains without checkpoints: drop --checkpoint-dir and "
+                          "--checkpoint-every")
+    cfg = capped_threads(cfg, warn)
+    configs = member_configs(cfg, members, recipes)       # refused before the data loads
+    out = outputs.out_dir(cfg, opts.out)
+    check_output_dir(out, "--out", files=outputs.FILES)
+    rundir.refuse_in_use(out, "--out")
+    session.refuse_replacing(out, out / "checkpoints", opts.overwrite)
+    dataset = opts.dataset or "fashion-mnist"
+    session.check_plan(cfg, dataset, opts.limit_train, opts.limit_test)
+    ds = load_dataset(dataset, opts.data, "uint8", opts.limit_train, opts.limit_test)
+    with rundir.hold(out, "--out"):
+        session.refuse_replacing(out, out / "checkpoints", opts.overwrite)
+        rundir.sweep(out, outputs.FILES)
+        ens = train_members(cfg, ds, members, recipes=recipes, progress=opts.progress, log=log,
+                            test_every_epoch=opts.test_every_epoch)
+        meta = outputs.model_metadata(ens.results[0], ds)
+        meta.update(test_acc=ens.test_acc, val_acc=ens.val_acc, members=members,
+                    seeds=[c.seed for c in configs],
+                    member_configs=[c.to_dict() for c in configs])
+        files = outputs.paths(out)
+        for single in ("history_csv", "plot"):    # one network's history: not an ensemble's
+            files.pop(single)
+        io.save_ensemble(files["model"], ens.nets, meta)
+        atomic.atomic_write_json(files["history_json"], {
+            "config": cfg.to_dict(), "test_acc": ens.test_acc, "val_acc": ens.val_acc,
+            "members": [{"config": r.config.to_dict(), "engine": r.engine,
+                         "test_acc": r.test_acc, "history": r.history} for r in ens.results]})
+    return ens, files
