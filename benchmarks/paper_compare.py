@@ -29,9 +29,10 @@ an epoch of 60,000 samples.
 
 `accuracy`: for each (model, way), epochs = floor(budget / its 60k-epoch time), at least 1;
 then one seed (1) trained on all 60,000 images for that many epochs, no validation split,
-scored on the 10,000 test images. Ways that get the same epochs train the same network (the
-batch engine's results do not depend on its thread count), so each (model, way kind, epochs)
-is trained once. These runs are not timed, so they run `nice -n 19` outside the lock.
+scored on the 10,000 test images. Thread ways that get the same epochs train the same network
+(the batch engine's results do not depend on its thread count), so each (model, threads,
+epochs) is trained once; every rank count is trained on its own (an MPI run sums each batch in
+its own order). These runs are not timed, so they run `nice -n 19` outside the lock.
 
 `report`: docs/figures/cnn/compare.png and the markdown table for docs/RESULTS.md.
 Everything goes to docs/figures/cnn/compare.json.
@@ -164,7 +165,9 @@ def accuracy_runs(a):
         if a.ways and r["way"] not in a.ways:
             continue
         epochs = max(1, math.floor(a.budget / r["epoch_60k_s"]))
-        kind = "mpi" if r["ranks"] > 1 else "threads"     # 1 rank = 1 process = 1 thread
+        # The batch engine gives the same bits at any thread count; an MPI run takes the general
+        # path with its reducer, and each rank count sums the batch in its own order.
+        kind = f"mpi{r['ranks']}" if r["ranks"] else "threads"
         key = f"{r['model']} {kind} {epochs}"
         r.setdefault("epochs_at", {})[str(a.budget)] = epochs
         if key not in done["runs"]:

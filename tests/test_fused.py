@@ -147,6 +147,21 @@ def test_fused_path_same_bits_at_any_thread_count_and_close_to_the_general_path(
     assert (fstats.loss_sum, fstats.correct) == (s1.loss_sum, s1.correct)
 
 
+@pytest.mark.parametrize("shards", [2, 3])
+def test_a_last_batch_smaller_than_the_shards_leaves_empty_shards_that_add_nothing(shards):
+    spec = Spec(SPEC.sizes, "relu", "softmax", "cross_entropy", "float64")
+    X8 = pixels(193)
+    _, T, order = synthetic(spec, 193)             # 6 batches of 32 and one of 1 sample
+    kw = dict(optimizer="adam", lr=0.01, batch_size=32, shards=shards)
+    one, opt, s1 = train("batch", spec, X8, T, order, threads=1, **kw)
+    two, _, s2 = train("batch", spec, X8, T, order, threads=2, **kw)
+    general, _, gs = train("batch", spec, X8, T, order, threads=1, fused=False, **kw)
+    assert opt.t == 7 and s1.n == 193 and np.isfinite(one.params).all()
+    assert np.array_equal(one.params, two.params) and s1.correct == s2.correct
+    assert np.abs(one.params - general.params).max() <= TOL_EPOCH["float64"]
+    assert s1.correct == gs.correct and s1.loss_sum == pytest.approx(gs.loss_sum, rel=1e-9)
+
+
 @pytest.mark.parametrize("sizes", [(784, 10), (784, 12, 10)])
 def test_fused_path_without_or_with_one_hidden_layer_is_the_general_paths(sizes):
     spec = Spec(sizes, "relu", "softmax", "cross_entropy", "float64")
@@ -194,3 +209,11 @@ def test_fused_path_is_taken_only_where_it_applies():
     assert not make_engine("batch", augment=Augmentation(1, 2)).fuses(net, adam, X8, 32)
     assert not make_engine("batch").fuses(MLP(Spec((784, 24, 10), "tanh", "softmax",
                                                    "cross_entropy", "float32")), adam, X8, 32)
+    # a run says which path it took (their bits differ by rounding): the run's info records it
+    T = np.eye(10, dtype=np.float32)[np.arange(64) % 10]
+    for fused, path in ((True, "fused"), (False, "general")):
+        engine = make_engine("batch", fused=fused)
+        assert engine.info()["path"] is None
+        engine.train(MLP(SPEC), make_optimizer("adam", SPEC.n_params, "float32", 1e-3), X8, T,
+                     np.arange(64), 32)
+        assert engine.info()["path"] == path and engine.info()["solo_batches"] == 0

@@ -152,6 +152,23 @@ def test_parnn_train_members_saves_an_ensemble_that_evaluate_reads(tmp_path):
     assert again.returncode != 0 and "already holds a trained model" in again.stderr
 
 
+def test_members_overwrite_replaces_a_single_run_and_leaves_nothing_of_it(tmp_path):
+    # Old checkpoints left beside the ensemble would let `--resume` write the old run's model
+    # over it; the old run's history would be read as the ensemble's.
+    data = write_dataset(tmp_path / "data", n_train=200, n_test=40)
+    out = tmp_path / "run"
+    first = run_cli("train", "--data", data, "--out", out, *CLI)
+    assert first.returncode == 0, first.stderr
+    assert (out / "history.csv").exists() and list((out / "checkpoints").iterdir())
+    r = run_cli("train", "--data", data, "--out", out, *CLI, "--members", "2", "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert not (out / "history.csv").exists() and not (out / "history.png").exists()
+    assert not [p for p in (out / "checkpoints").iterdir() if not p.name.startswith(".")]
+    assert len(parnn.load(out / "model.safetensors").nets) == 2
+    again = run_cli("train", "--resume", out, "--epochs", "5")
+    assert again.returncode != 0 and "Traceback" not in again.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--members", "0"], "members must be an integer >= 1"),
     (["--member-recipe", "shift1"], "--member-recipe only applies to --members"),

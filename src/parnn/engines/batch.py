@@ -162,6 +162,7 @@ class BatchEngine:
         self._plan = None       # (key, the fused path's buffers: parnn.engines.fused.Plan)
         self.solo_batches = 0   # fused path: batches thread 0 ran alone after the threads gave up
         self._patience = ()     # (patience,) overrides fused.PATIENCE (tests)
+        self.path = None        # the path the last train call took: "fused" or "general"
         self._aug = None        # the augmented block of batches
         self._blas = None       # threadpoolctl's controller, made on first use
 
@@ -180,7 +181,8 @@ class BatchEngine:
                 for d in threadpool_info() if d.get("user_api") == "blas"]
         return {"engine": self.name, "blas": blas,
                 "shards": self.shards if self.shards is not None else
-                SHARDS if self.reducer is None else 1}
+                SHARDS if self.reducer is None else 1,
+                "path": self.path, "solo_batches": self.solo_batches}
 
     def shards_for(self, spec):
         """Shards per batch: as given; else 1 under an MPI reducer, and SHARDS in one process,
@@ -224,7 +226,8 @@ class BatchEngine:
         S = self.shards_for(net.spec)
         S = max(1, min(S, B))                    # a shard of a batch has at least one sample
         nt = min(S, _threads())                  # threads that run the shards
-        if self.fuses(net, opt, X, B):
+        self.path = "fused" if self.fuses(net, opt, X, B) else "general"
+        if self.path == "fused":
             return self._train_fused(net, opt, X, T, order, B, S, nt)
         shards = self.shard_nets(net, B, S)
         on_layer = getattr(self.reducer, "on_layer", None)

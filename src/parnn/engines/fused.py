@@ -29,6 +29,8 @@ nt > 1), between the spin barriers of parnn.engines.compiled.
 from __future__ import annotations
 
 import ctypes
+import os
+import platform
 
 import llvmlite.binding as llvm
 import numpy as np
@@ -42,29 +44,40 @@ _BLAS = {}      # {"ok": whether numpy's ?gemm symbols are bound for Numba}, onc
 
 
 def _bind_blas():
-    """Bind numpy's own cblas_sgemm / cblas_dgemm (the wheel's OpenBLAS, with the symbol prefix
-    scipy_ and 64-bit ints) so compiled code calls them by name; True if found."""
-    if _BLAS:
-        return bool(_BLAS.get("ok"))
-    _BLAS["ok"] = False
-    from threadpoolctl import threadpool_info
-    for lib in threadpool_info():
-        if lib.get("user_api") != "blas" or "numpy" not in str(lib.get("filepath")):
-            continue
-        dll = ctypes.CDLL(lib["filepath"])
-        try:
-            for p in "sd":
-                name = f"scipy_cblas_{p}gemm64_"
-                llvm.add_symbol(name, ctypes.cast(getattr(dll, name), ctypes.c_void_p).value)
-        except AttributeError:
-            return False
-        _BLAS["ok"] = True
+    """Bind numpy's own cblas_sgemm / cblas_dgemm (the wheel's OpenBLAS in numpy.libs, with the
+    symbol prefix scipy_ and 64-bit ints) so compiled code calls them by name; True if found."""
+    if not _BLAS:
+        _BLAS["ok"] = False
+        from threadpoolctl import threadpool_info
+        for lib in threadpool_info():
+            path = str(lib.get("filepath"))
+            if lib.get("user_api") != "blas" or "numpy" not in os.path.basename(
+                    os.path.dirname(path)):            # numpy.libs/, numpy's own copy
+                continue
+            dll = ctypes.CDLL(path)
+            try:
+                found = {p: getattr(dll, f"scipy_cblas_{p}gemm64_") for p in "sd"}
+            except AttributeError:                     # another build: look further
+                continue
+            for p, fn in found.items():
+                llvm.add_symbol(f"scipy_cblas_{p}gemm64_",
+                                ctypes.cast(fn, ctypes.c_void_p).value)
+            _BLAS["ok"] = True
+            break
     return _BLAS["ok"]
 
 
 def available():
-    """Whether the fused path can run here: numpy's BLAS has the symbols it calls."""
-    return _bind_blas()
+    """Whether the fused path can run here: numpy's BLAS has the symbols it calls, and the
+    cycle counter that the give-up rule reads counts (tried on x86-64 only: elsewhere reading
+    it may trap, so the general path runs there)."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not _bind_blas():
+        return False
+    try:
+        slow_cycles()
+    except RuntimeError:
+        return False
+    return True
 
 
 _bind_blas()    # before any kernel is compiled or loaded from Numba's cache

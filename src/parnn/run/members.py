@@ -136,6 +136,8 @@ def start(cfg, opts, members, recipes=None, log=print, warn=None):
     without checkpoints), saved as one ensemble file that parnn evaluate, parnn.load and parnn
     export read, beside history.json (each member's config and history). Returns (Members,
     {name: path})."""
+    import contextlib
+
     from parnn import atomic, io
     from parnn.data import load_dataset
     from parnn.paths import check_output_dir
@@ -154,9 +156,9 @@ def start(cfg, opts, members, recipes=None, log=print, warn=None):
     dataset = opts.dataset or "fashion-mnist"
     session.check_plan(cfg, dataset, opts.limit_train, opts.limit_test)
     ds = load_dataset(dataset, opts.data, "uint8", opts.limit_train, opts.limit_test)
-    with rundir.hold(out, "--out"):
-        session.refuse_replacing(out, out / "checkpoints", opts.overwrite)
-        rundir.sweep(out, outputs.FILES)
+    ckdir = out / "checkpoints"
+    with session.hold(out, ckdir):
+        session.clear(out, ckdir, opts.overwrite)
         ens = train_members(cfg, ds, members, recipes=recipes, progress=opts.progress, log=log,
                             test_every_epoch=opts.test_every_epoch)
         meta = outputs.model_metadata(ens.results[0], ds)
@@ -165,7 +167,8 @@ def start(cfg, opts, members, recipes=None, log=print, warn=None):
                     member_configs=[c.to_dict() for c in configs])
         files = outputs.paths(out)
         for single in ("history_csv", "plot"):    # one network's history: not an ensemble's
-            files.pop(single)
+            with contextlib.suppress(FileNotFoundError):   # nor a replaced run's: remove it
+                files.pop(single).unlink()
         io.save_ensemble(files["model"], ens.nets, meta)
         atomic.atomic_write_json(files["history_json"], {
             "config": cfg.to_dict(), "test_acc": ens.test_acc, "val_acc": ens.val_acc,

@@ -46,6 +46,7 @@ def model_metadata(result, data, classes=None, inputs="pixels"):
         "engine": result.engine,
         "threads": result.info.get("threads"),
         "threading_layer": result.info.get("threading_layer"),
+        **{k: result.info[k] for k in ("path", "solo_batches") if k in result.info},
         "dataset": {"name": data.name, "sha256": data.sha256},
         "class_names": list(data.class_names),
         "classes": list(range(n)) if classes is None else classes.tolist(),

@@ -62,13 +62,8 @@ def start(cfg, opts, log=print, warn=None):
     check_plan(cfg, dataset, opts.limit_train, opts.limit_test)
     # The images as stored (uint8): the engines scale them a batch or a sample at a time.
     ds = load_dataset(dataset, opts.data, "uint8", opts.limit_train, opts.limit_test)
-    with rundir.hold(out, "--out"), _hold_also(ckdir, out, "--checkpoint-dir"):
-        refuse_replacing(out, ckdir, opts.overwrite)   # again: another run may have finished
-        if opts.overwrite:   # never mix two runs' checkpoints (a fallback would resume the old)
-            for name in rundir.existing(ckdir, checkpoint.FILES):
-                (Path(ckdir) / name).unlink()
-        rundir.sweep(out, outputs.FILES)
-        rundir.sweep(ckdir, checkpoint.FILES)
+    with hold(out, ckdir):
+        clear(out, ckdir, opts.overwrite)
         record = RunRecord.of(ds, opts.limit_train, opts.limit_test, out, opts.checkpoint_every)
         return _train_and_save(cfg, ds, out, ckdir, record, None, opts, log)
 
@@ -97,6 +92,29 @@ def resume(directory, opts, settings, warn=None, log=print):
         record = replace(record, out=str(out.absolute()),
                          checkpoint_every=opts.checkpoint_every or record.checkpoint_every)
         return _train_and_save(cfg, ds, out, ckdir, record, ck, opts, log)
+
+
+def hold(out, ckdir):
+    """The locks of a new run's output and checkpoint directories (one lock if they are one)."""
+    import contextlib
+
+    stack = contextlib.ExitStack()
+    with stack:
+        stack.enter_context(rundir.hold(out, "--out"))
+        stack.enter_context(_hold_also(ckdir, out, "--checkpoint-dir"))
+        return stack.pop_all()
+
+
+def clear(out, ckdir, overwrite):
+    """Holding hold(out, ckdir): refuse again (another run may have finished meanwhile), drop
+    the checkpoints of a run being replaced (a fallback would resume the old run), remove what
+    killed runs left half-written."""
+    refuse_replacing(out, ckdir, overwrite)
+    if overwrite:
+        for name in rundir.existing(ckdir, checkpoint.FILES):
+            (Path(ckdir) / name).unlink()
+    rundir.sweep(out, outputs.FILES)
+    rundir.sweep(ckdir, checkpoint.FILES)
 
 
 def _hold_also(directory, held, flag):

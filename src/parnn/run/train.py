@@ -229,7 +229,10 @@ def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, re
             test_acc = score(net, test)[1]
             pos.history[(pos.best_epoch or len(pos.history)) - 1]["test_acc"] = test_acc
     # Known once a parallel region has run (Numba's OpenMP, TBB or workqueue layer).
-    info["threading_layer"] = engine.info().get("threading_layer")
+    # The batch engine's path (fused or general: their bits differ by rounding) and how many
+    # batches its threads gave to one of them (a busy neighbour).
+    after = engine.info()
+    info.update({k: after[k] for k in ("threading_layer", "path", "solo_batches") if k in after})
     return Result(net, pos.history, cfg, engine.name, info, test_acc,
                   pos.best_epoch if cfg.early_stopping else None, pos.stopped)
 
