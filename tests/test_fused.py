@@ -195,6 +195,30 @@ def test_threads_that_give_up_on_each_other_leave_the_same_bits(restore_threads)
     assert (s1.loss_sum, s1.correct) == (s2.loss_sum, s2.correct) == (s3.loss_sum, s3.correct)
 
 
+@pytest.mark.parametrize("failing", [0, 1])
+def test_a_thread_that_fails_before_its_chunk_does_not_leave_its_partner_spinning(
+        failing, restore_threads, monkeypatch):
+    import numba
+
+    from parnn.engines import fused, make_engine
+    from synthetic_data import no_hang
+
+    X8 = pixels(203)
+    _, T, order = synthetic(SPEC, 203)
+    numba.set_num_threads(2)
+    real = fused.train
+
+    def train(plan, tid, *args, **kw):
+        if tid == failing:
+            raise KeyboardInterrupt
+        return real(plan, tid, *args, **kw)
+
+    monkeypatch.setattr(fused, "train", train)
+    net, opt = MLP(SPEC, seed=0), make_optimizer("adam", SPEC.n_params, SPEC.dtype, 0.01)
+    with pytest.raises(KeyboardInterrupt), no_hang(20):
+        make_engine("batch").train(net, opt, X8, T, order, 32)
+
+
 def test_fused_path_is_taken_only_where_it_applies():
     from parnn.engines import make_engine
     from parnn.engines.batch import Augmentation, DropoutOption

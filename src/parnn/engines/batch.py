@@ -328,8 +328,12 @@ class BatchEngine:
         gave_up = [0]
 
         def job(t):
-            done = fused.train(plan, t, nt, net, opt, X, T, order, B, steps, opt.decay(), losses,
-                               hits, *self._patience)
+            try:
+                done = fused.train(plan, t, nt, net, opt, X, T, order, B, steps, opt.decay(),
+                                   losses, hits, *self._patience)
+            except BaseException:                # e.g. Ctrl-C before the compiled call began
+                fused.release(plan.flags, t, nt)
+                raise
             if t == 0:
                 gave_up[0] = done
 

@@ -355,6 +355,14 @@ def train_chunk(tid, nt, X, div, T, order, B, params, lay, Xs, Ts, AT, DT, G, m,
     return gave_up
 
 
+def release(flags, tid, nt):
+    """Thread tid failed outside train_chunk (an exception before or after the compiled call):
+    its partners pass every barrier from now on and stop after their batch, instead of
+    spinning forever for it (their results are not used: the exception ends the train call)."""
+    flags[nt * FLAG] = 1                         # the stop word
+    flags[tid * FLAG] = np.iinfo(flags.dtype).max
+
+
 class Plan:
     """The fused path's buffers for (network, batch size, shards), allocated once: per shard
     the gathered rows, the activations and deltas of every layer (one flat buffer each, layer
