@@ -64,7 +64,9 @@ def main():
     acc = float(np.mean(net.predict(ds.X_test) == ds.y_test))
     print(f"shards {args.shards} threads {args.threads}{' uint8' if args.uint8 else ''}"
           f"{' general' if args.general else ''} batch {B}: "
-          f"median {np.median(times):.3f} s  min {min(times):.3f} s  test acc {acc:.4f}")
+          f"median {np.median(times):.3f} s  min {min(times):.3f} s  max {max(times):.3f} s  "
+          f"test acc {acc:.4f}  batches run by one thread after giving up "
+          f"{getattr(engine, 'solo_batches', 0)}")
 
 
 if __name__ == "__main__":
