@@ -257,20 +257,16 @@ def shard_gradient(X, div, T, rows, scale, params, lay, Xs, Ts, AT, DT, g, tiny)
     x, t = Xs[:b], Ts[:b]
     ft = x.dtype.type
     gather(X, div, T, rows, x, t)
-    for l in range(L - 1):                       # forward: hidden layers
+    for l in range(L):                           # forward
         W, bias = weights(params, lay, l)
         zT = cols_of(AT, lay, l, b)
         if l == 0:
             gemm(False, True, W, x, zT)
         else:
             gemm(False, False, W, cols_of(AT, lay, l - 1, b), zT)
-        bias_relu(zT, bias)
-    W, bias = weights(params, lay, L - 1)        # the output layer
-    zT = cols_of(AT, lay, L - 1, b)
-    if L == 1:
-        gemm(False, True, W, x, zT)
-    else:
-        gemm(False, False, W, cols_of(AT, lay, L - 2, b), zT)
+        if l < L - 1:
+            bias_relu(zT, bias)
+    # the output layer's zT and bias (the loop's last): its bias goes in with the softmax
     _, gbL = weights(g, lay, L - 1)
     loss, hits = softmax_xent(zT, bias, t, ft(scale), tiny, cols_of(DT, lay, L - 1, b), gbL)
     for l in range(L - 1, -1, -1):               # backward: dz of layer l is in DT already
