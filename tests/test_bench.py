@@ -171,7 +171,8 @@ def test_profiled_phases_account_for_the_run(name, work):
     and the thread starts, outside the loop, and more of them on a busy machine). hogwild's
     threads train separate parts of the order, so only together do they cover the run. Work
     happens in forward, output and backward; only the owner engine's threads wait for each
-    other (unless a busy core made it fall back to its serial loop)."""
+    other (unless a busy core made it fall back to its serial loop, part way or for whole
+    chunks)."""
     threads = min(2, harness.usable_cores())
     engine = make_engine(name, profile=True)
     prof = runners.profiled_run(engine, work, threads)
@@ -184,7 +185,10 @@ def test_profiled_phases_account_for_the_run(name, work):
     assert len(seconds) == (threads if meets or name == "hogwild" else 1)
     per_thread = seconds.sum(axis=1)
     assert np.all(per_thread <= 1.02 * wall), (per_thread, wall)
-    covered = per_thread.sum() if name == "hogwild" else per_thread.min()
+    fell_back = name == "owner" and (engine.info()["gave_up"] or engine.info()["serial_chunks"])
+    # threads that gave up leave thread 0 to carry on alone: only it covers the run then
+    covered = (per_thread.sum() if name == "hogwild" else
+               per_thread[0] if fell_back else per_thread.min())
     assert covered >= 0.6 * wall, (per_thread, wall)
     assert np.all(seconds[:, :3] > 0)
     assert np.all((seconds[:, 3] > 0) == (name == "owner" and (meets or threads == 1)))
