@@ -178,16 +178,18 @@ def test_unknown_settings_are_named():
 
 # --- the engine: picked once per run -------------------------------------------------------------
 
-@pytest.mark.parametrize("engine,batch,optimizer,picked", [("auto", 32, "adam", "batch"),
-                                                          ("auto", 1, "sgd", "serial"),
-                                                          ("auto", 1, "adam", "batch"),
-                                                          ("numpy", 1, "sgd", "numpy")])
-def test_the_engine_is_made_once_per_run(monkeypatch, engine, batch, optimizer, picked):
+@pytest.mark.parametrize("engine,batch,optimizer,threads,picked",
+                         [("auto", 32, "adam", 1, "batch"), ("auto", 1, "sgd", 1, "serial"),
+                          ("auto", 1, "sgd", 2, "owner"), ("auto", 1, "adam", 2, "batch"),
+                          ("numpy", 1, "sgd", 2, "numpy")])
+def test_the_engine_is_made_once_per_run(monkeypatch, engine, batch, optimizer, threads, picked):
+    """auto: owner for per-sample SGD on 2 threads (serial on 1), batch for mini-batches."""
     made = []
     real = config.make_engine
     monkeypatch.setattr(config, "make_engine", lambda name, **kw: made.append(name) or real(name, **kw))
+    monkeypatch.setattr(config, "usable_cores", lambda: 2)      # the choice, on any machine
     cfg = make_config("modern", engine=engine, batch_size=batch, optimizer=optimizer, lr=0.01,
-                      epochs=2, hidden=(8,), threads=1)
+                      epochs=2, hidden=(8,), threads=threads)
     res = train.fit(cfg, synthetic(n=64, n_test=16), progress=False, log=lambda *_: None)
     assert made == [picked] and res.engine == picked
 

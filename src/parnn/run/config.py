@@ -389,10 +389,12 @@ def batch_size_for(cfg, n_train, held_out=0):
     return cfg.batch_size
 
 
-# What "auto" tries, in order, until one accepts the run. For per-sample SGD: `serial`, not the
-# faster-when-idle `owner`, whose spin barriers collapse when another process competes for the
-# cores (docs/ENGINES.md, "What --engine auto picks"); `--engine owner` opts in.
+# What "auto" tries, in order, until one accepts the run. For per-sample SGD on 2 or more threads
+# `owner` first: faster on free cores, and about as fast as `serial` when a neighbour takes one,
+# since its threads then give up to the serial loop (docs/ENGINES.md, "What --engine auto
+# picks"); on one thread `serial`, which is the same loop without barriers.
 AUTO_PER_SAMPLE = ("serial", "numpy")
+AUTO_PER_SAMPLE_THREADED = ("owner",) + AUTO_PER_SAMPLE
 AUTO_BATCH = ("batch", "numpy")
 
 
@@ -405,7 +407,9 @@ def pick_engine(cfg, spec, n_train):
         engine.check(spec, cfg.optimizer, bs)
         return engine
     per_sample = bs == 1 and cfg.optimizer == "sgd" and not spec.arch   # dense layers only
-    prefs = AUTO_PER_SAMPLE if per_sample else AUTO_BATCH
+    threaded = min(cfg.threads, usable_cores()) > 1
+    prefs = ((AUTO_PER_SAMPLE_THREADED if threaded else AUTO_PER_SAMPLE) if per_sample
+             else AUTO_BATCH)
     for name in prefs:
         try:
             engine = make_engine(name, **engine_options(cfg, name))
