@@ -88,7 +88,7 @@ def _setting_adder(presets):
 
 def build_parser():
     from parnn.engines import available
-    from parnn.run.config import CNN_LAYERS, PRESETS, DEFAULT_PRESET
+    from parnn.run.config import AFFINE, CNN_LAYERS, PRESETS, DEFAULT_PRESET
     from parnn.run.members import MEMBER_RECIPES
 
     top = Parser(prog="parnn", description="Train feedforward neural networks on Fashion-MNIST "
@@ -148,7 +148,10 @@ def build_parser():
     _setting(r, "--augment", metavar="NAME",
              help="transform each training batch on the fly, drawn from the seed: none, "
              "shift1, shift2 (whole-pixel shifts of up to 1 or 2 pixels), flip (left-right, "
-             "probability 1/2), shift1+flip, shift2+flip; mini-batch engines only")
+             "probability 1/2), shift1+flip, shift2+flip, affine (per image a rotation of up "
+             f"to {AFFINE['rotate']:g} degrees, a zoom of up to {100 * AFFINE['scale']:g} "
+             f"percent and a shift of up to {AFFINE['shift']:g} pixel, bilinear); mini-batch "
+             "engines only")
     _setting(r, "--dropout", type=float, metavar="RATE",
              help="while training, zero each hidden unit with probability RATE and scale the "
              "rest by 1/(1-RATE), masks drawn from the seed; 0 = off; mini-batch engines only")

@@ -57,14 +57,18 @@ class Augmentation:
     batches do not depend on threads, batch boundaries or where a resumed run restarts."""
 
     seed: int
-    shift: int = 0          # whole pixels per axis, at most
+    shift: float = 0        # pixels per axis, at most: whole pixels, or continuous if subpixel
     hflip: bool = False     # mirror left-right with probability 1/2
+    rotate: float = 0.0     # degrees, at most (bilinear sampling when any of these three is on)
+    scale: float = 0.0      # zoom by 1 +- scale, at most
+    subpixel: bool = False  # shifts drawn continuously in [-shift, shift]
 
     def fill(self, X, idx, out, epoch):
         """out[b] = the transformed X[idx[b]]; returns out."""
         from parnn.engines.augment import augment_batch
 
-        return augment_batch(X, idx, out, self.seed, epoch, shift=self.shift, hflip=self.hflip)
+        return augment_batch(X, idx, out, self.seed, epoch, shift=self.shift, hflip=self.hflip,
+                             rotate=self.rotate, scale=self.scale, subpixel=self.subpixel)
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,12 @@ PRESET_NAMES = ("paper", "modern", "accurate")
 DEFAULT_PRESET = "accurate"
 LR_SCHEDULES = ("constant", "cosine", "warmup-cosine")
 # On-the-fly augmentation (parnn.engines.augment): whole-pixel shifts of up to 1 or 2 pixels per
-# axis, and/or a left-right mirror with probability 1/2.
-AUGMENTS = ("none", "shift1", "shift2", "flip", "shift1+flip", "shift2+flip")
+# axis, and/or a left-right mirror with probability 1/2; or "affine", a small random rotation,
+# zoom and subpixel shift per image (bilinear), of the sizes AFFINE gives.
+AUGMENTS = ("none", "shift1", "shift2", "flip", "shift1+flip", "shift2+flip", "affine")
+# "affine"'s ranges, chosen on the validation split among a few candidates (docs/ACCURACY.md,
+# "Ensembles"): rotations up to `rotate` degrees, zooms of 1 +- `scale`, shifts up to `shift`.
+AFFINE = dict(shift=0.5, rotate=3.0, scale=0.03, subpixel=True)
 
 
 # --- what a setting allows ---------------------------------------------------------------------
@@ -333,6 +337,8 @@ def augmentation(cfg):
     from parnn.engines.batch import Augmentation
 
     parts = cfg.augment.split("+")
+    if "affine" in parts:
+        return Augmentation(cfg.seed, hflip="flip" in parts, **AFFINE)
     shift = next((int(p[len("shift"):]) for p in parts if p.startswith("shift")), 0)
     return Augmentation(cfg.seed, shift=shift, hflip="flip" in parts)
 
