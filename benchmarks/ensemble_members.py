@@ -89,12 +89,16 @@ def config(recipe, seed, **more):
 def affine_ranges(recipe):
     """The ranges `--augment affine` takes in this recipe's run: parnn.run.config.AFFINE,
     replaced for the run by the recipe's "_affine" (a candidate), as a context manager."""
+    import contextlib
+    from types import MappingProxyType
     from unittest import mock
 
     from parnn.run import config as settings
 
     candidate = RECIPES[recipe].get("_affine")
-    return mock.patch.dict(settings.AFFINE, candidate or {}, clear=candidate is not None)
+    if candidate is None:
+        return contextlib.nullcontext()
+    return mock.patch.object(settings, "AFFINE", MappingProxyType(candidate))
 
 
 def wait_while_quiet():

@@ -184,6 +184,10 @@ def test_unknown_settings_are_named():
                           ("numpy", 1, "sgd", 2, "numpy")])
 def test_the_engine_is_made_once_per_run(monkeypatch, engine, batch, optimizer, threads, picked):
     """auto: owner for per-sample SGD on 2 threads (serial on 1), batch for mini-batches."""
+    import numba
+
+    if threads > numba.config.NUMBA_NUM_THREADS:
+        pytest.skip(f"Numba's pool has fewer than {threads} threads here")
     made = []
     real = config.make_engine
     monkeypatch.setattr(config, "make_engine", lambda name, **kw: made.append(name) or real(name, **kw))
@@ -192,6 +196,16 @@ def test_the_engine_is_made_once_per_run(monkeypatch, engine, batch, optimizer, 
                       epochs=2, hidden=(8,), threads=threads)
     res = train.fit(cfg, synthetic(n=64, n_test=16), progress=False, log=lambda *_: None)
     assert made == [picked] and res.engine == picked
+
+
+def test_auto_keeps_serial_for_per_sample_sgd_at_thread_counts_owner_was_not_measured_at(monkeypatch):
+    monkeypatch.setattr(config, "usable_cores", lambda: 8)
+    spec = make_config("paper", threads=1).spec()
+    for threads, picked in ((1, "serial"), (2, "owner"), (3, "serial"), (8, "serial")):
+        cfg = make_config("paper", threads=threads)
+        assert config.pick_engine(cfg, spec, 1000).name == picked, threads
+    monkeypatch.setattr(config, "usable_cores", lambda: 1)    # 2 threads on 1 core: serial
+    assert config.pick_engine(make_config("paper", threads=2), spec, 1000).name == "serial"
 
 
 def test_an_engine_that_refuses_the_run_says_why():

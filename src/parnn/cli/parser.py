@@ -164,8 +164,8 @@ def build_parser():
              help="stop after PATIENCE epochs without a lower validation loss and keep the "
              "weights of the epoch with the lowest (needs a validation split)")
     _setting(r, "--engine", metavar="NAME",
-             help=f"{', '.join(available())}, or auto (owner for per-sample SGD on 2 or more "
-             "threads, serial on 1; else batch)")
+             help=f"{', '.join(available())}, or auto (owner for per-sample SGD on 2 threads, "
+             "else serial; batch for mini-batches)")
     r.add_argument("--threads", type=int, help="threads for Numba and BLAS (default: all cores)")
     r.add_argument("--test-every-epoch", action="store_true",
                    help="score the test set after every epoch too (default: once, at the end, "

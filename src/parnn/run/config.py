@@ -14,6 +14,7 @@ import math
 import numbers
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
+from types import MappingProxyType
 
 import numpy as np
 
@@ -31,7 +32,9 @@ LR_SCHEDULES = ("constant", "cosine", "warmup-cosine")
 AUGMENTS = ("none", "shift1", "shift2", "flip", "shift1+flip", "shift2+flip", "affine")
 # "affine"'s ranges, chosen on the validation split among a few candidates (docs/ACCURACY.md,
 # "Ensembles"): rotations up to `rotate` degrees, zooms of 1 +- `scale`, shifts up to `shift`.
-AFFINE = dict(shift=0.5, rotate=3.0, scale=0.03, subpixel=True)
+# Runs record only the name, so these values ARE what "affine" means: other ranges need another
+# name (a resumed run would otherwise change its transforms part way). Read-only for that reason.
+AFFINE = MappingProxyType(dict(shift=0.5, rotate=3.0, scale=0.03, subpixel=True))
 
 
 # --- what a setting allows ---------------------------------------------------------------------
@@ -338,7 +341,7 @@ def augmentation(cfg):
 
     parts = cfg.augment.split("+")
     if "affine" in parts:
-        return Augmentation(cfg.seed, hflip="flip" in parts, **AFFINE)
+        return Augmentation(cfg.seed, **AFFINE)
     shift = next((int(p[len("shift"):]) for p in parts if p.startswith("shift")), 0)
     return Augmentation(cfg.seed, shift=shift, hflip="flip" in parts)
 
@@ -395,10 +398,11 @@ def batch_size_for(cfg, n_train, held_out=0):
     return cfg.batch_size
 
 
-# What "auto" tries, in order, until one accepts the run. For per-sample SGD on 2 or more threads
-# `owner` first: faster on free cores, and about as fast as `serial` when a neighbour takes one,
-# since its threads then give up to the serial loop (docs/ENGINES.md, "What --engine auto
-# picks"); on one thread `serial`, which is the same loop without barriers.
+# What "auto" tries, in order, until one accepts the run. For per-sample SGD on 2 threads `owner`
+# first: faster on free cores, and about as fast as `serial` when a neighbour takes one, since
+# its threads then give up to the serial loop (docs/ENGINES.md, "What --engine auto picks"). At
+# other thread counts `serial`: on one thread owner is the same loop with barriers, and more than
+# two threads have not been measured.
 AUTO_PER_SAMPLE = ("serial", "numpy")
 AUTO_PER_SAMPLE_THREADED = ("owner",) + AUTO_PER_SAMPLE
 AUTO_BATCH = ("batch", "numpy")
@@ -413,7 +417,7 @@ def pick_engine(cfg, spec, n_train):
         engine.check(spec, cfg.optimizer, bs)
         return engine
     per_sample = bs == 1 and cfg.optimizer == "sgd" and not spec.arch   # dense layers only
-    threaded = min(cfg.threads, usable_cores()) > 1
+    threaded = cfg.threads == 2 <= usable_cores()          # the count owner was measured at
     prefs = ((AUTO_PER_SAMPLE_THREADED if threaded else AUTO_PER_SAMPLE) if per_sample
              else AUTO_BATCH)
     for name in prefs:
