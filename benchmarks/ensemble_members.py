@@ -69,6 +69,11 @@ RECIPES = {
                                                               scale=0.05, subpixel=True)),
     "affCe60": dict(augment="affine", epochs=60, _affine=dict(shift=0.5, rotate=3.0,
                                                               scale=0.03, subpixel=True)),
+    # one-cycle-shaped: 30 % warm-up, to the default peak or to 3x it
+    "oc1": dict(warmup_epochs=9),
+    "oc3": dict(warmup_epochs=9, lr=3e-3),
+    # wide members: 1024-512 with the affine transforms, 60 epochs
+    "w1kaff60": dict(hidden=(1024, 512), augment="affine", epochs=60),
 }
 TIMED = {"base (512-256, batch 128)": {}, "deep (512-256-128)": RECIPES["deep"],
          "batch 64": RECIPES["b64"], "batch 256": RECIPES["b256"],
