@@ -232,3 +232,22 @@ def test_rejects_what_it_cannot_do():
     for images_, idx, out_, kw in bad:
         with pytest.raises(ConfigError):
             augment_batch(images_, idx, out_, 0, 0, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("opts", [dict(shift=2, hflip=True),
+                                  dict(shift=0.5, rotate=3.0, scale=0.03, subpixel=True)],
+                         ids=["whole pixels", "bilinear"])
+def test_rows_written_in_parts_on_the_callers_threads_are_the_kernels_rows(dtype, opts):
+    """augment_rows (the fused path's threads, a share of the rows each) writes exactly the rows
+    augment_batch writes, from uint8 pixels or floats, however the rows are split."""
+    from parnn.engines.augment import augment_rows
+
+    X, _ = shapes(300)
+    idx = np.random.default_rng(2).permutation(300)[:77].astype(np.int64)
+    for images in (X, X.astype(dtype) / np.dtype(dtype).type(255)):
+        whole = augment_batch(images, idx, np.empty((77, 784), dtype), 4, 3, **opts)
+        parts = np.full((77, 784), np.nan, dtype)
+        for lo, hi in ((0, 30), (30, 31), (31, 77)):
+            augment_rows(images, idx, parts, lo, hi, 4, 3, **opts)
+        assert np.array_equal(parts, whole)

@@ -42,13 +42,12 @@ def test_affine_names_small_bilinear_transforms_and_the_engine_gets_them():
     assert aug == Augmentation(5, shift=AFFINE["shift"], rotate=AFFINE["rotate"],
                                scale=AFFINE["scale"], subpixel=True)
     assert config.engine_options(cfg, "batch")["augment"] == aug
-    # the fused path (no augmentation) is not taken: the general path augments
+    # the fused path takes augmented batches too (written by the same kernel)
     net = MLP(cfg.spec(), seed=0)
     adam = make_optimizer("adam", net.spec.n_params, net.spec.dtype, 1e-3)
     X8 = np.zeros((256, 784), np.uint8)
     from parnn.engines import fused
-    assert make_engine("batch").fuses(net, adam, X8, 128) == fused.available()
-    assert not make_engine("batch", augment=aug).fuses(net, adam, X8, 128)
+    assert make_engine("batch", augment=aug).fuses(net, adam, X8, 128) == fused.available()
 
 
 def test_an_affine_batch_is_the_kernels_transform_not_a_whole_pixel_shift_and_keeps_labels():
@@ -68,21 +67,34 @@ def test_an_affine_batch_is_the_kernels_transform_not_a_whole_pixel_shift_and_ke
     assert np.mean(y[nearest] == y[idx]) >= 0.97
 
 
-def test_the_engine_trains_on_the_affine_batches(monkeypatch):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused path", "general path"])
+def test_the_engine_trains_on_the_affine_batches(monkeypatch, fused):
     """The batches a run with --augment affine trains on are the kernel's affine batches of
-    the run's seed, not the plain rows."""
+    the run's seed, not the plain rows: written by the parallel kernel (general path) or by
+    the fused path's own threads, a share of the rows each (fill_rows)."""
     seen = []
-    fill = Augmentation.fill
+    fill, fill_rows = Augmentation.fill, Augmentation.fill_rows
 
     def spy(self, X, idx, out, epoch):
         result = fill(self, X, idx, out, epoch)
         seen.append((self, X, idx.copy(), out.copy(), epoch))
         return result
+
+    def spy_rows(self, X, idx, out, epoch, lo, hi):
+        result = fill_rows(self, X, idx, out, epoch, lo, hi)
+        seen.append((self, X, idx[lo:hi].copy(), out[lo:hi].copy(), epoch))
+        return result
     monkeypatch.setattr(Augmentation, "fill", spy)
+    monkeypatch.setattr(Augmentation, "fill_rows", spy_rows)
+    real = make_engine
+    monkeypatch.setattr(config, "make_engine", lambda name, **kw: real(name, fused=fused, **kw))
     ds = synthetic_data.blobs(128, 16, dtype="float32")
     cfg = make_config("modern", hidden=(8,), epochs=2, batch_size=32, validation_split=0.0,
                       engine="batch", threads=1, augment="affine", seed=9)
-    quiet_fit(cfg, ds)
+    res = quiet_fit(cfg, ds)
+    from parnn.engines import fused as fused_module
+    assert res.info["path"] == ("fused" if fused and fused_module.available() else
+                                "general")
     assert {s[4] for s in seen} == {1, 2}
     for aug, X, idx, out, epoch in seen:
         assert aug.seed == 9 and aug.rotate == AFFINE["rotate"]

@@ -147,6 +147,35 @@ def test_fused_path_same_bits_at_any_thread_count_and_close_to_the_general_path(
     assert (fstats.loss_sum, fstats.correct) == (s1.loss_sum, s1.correct)
 
 
+@pytest.mark.parametrize("aug", [dict(shift=2, hflip=True),
+                                 dict(shift=0.5, rotate=3.0, scale=0.03, subpixel=True)],
+                         ids=["shift2+flip", "affine"])
+def test_fused_path_trains_on_the_general_paths_augmented_batches(aug, monkeypatch):
+    """Augmented batches, written AUGMENT_BATCHES at a time by the augmentation kernel as the
+    general path writes them, then trained on the fused path: the same bits at 1 and 2 threads
+    and whatever the block size, and the general path's result up to the paths' rounding."""
+    from parnn.engines import batch
+    from parnn.engines.batch import Augmentation
+
+    spec = Spec(SPEC.sizes, "relu", "softmax", "cross_entropy", "float64")
+    X8 = pixels(203)
+    _, T, order = synthetic(spec, 203)             # 6 batches of 32 and one of 11
+    kw = dict(optimizer="adam", lr=0.01, batch_size=32, augment=Augmentation(5, **aug))
+    one, opt1, s1 = train("batch", spec, X8, T, order, threads=1, **kw)
+    two, _, s2 = train("batch", spec, X8, T, order, threads=2, **kw)
+    assert np.array_equal(one.params, two.params) and s1.correct == s2.correct
+    assert opt1.t == 7 and s1.n == 203
+    general, _, gs = train("batch", spec, X8, T, order, threads=2, fused=False, **kw)
+    assert np.abs(one.params - general.params).max() <= TOL_EPOCH["float64"]
+    assert s1.correct == gs.correct and s1.loss_sum == pytest.approx(gs.loss_sum, rel=1e-9)
+    plain, _, _ = train("batch", spec, X8, T, order, threads=1, optimizer="adam", lr=0.01,
+                        batch_size=32)
+    assert not np.array_equal(plain.params, one.params)          # the batches were augmented
+    monkeypatch.setattr(batch, "AUGMENT_BATCHES", 3)             # blocks of 3 batches
+    blocks, _, _ = train("batch", spec, X8, T, order, threads=2, **kw)
+    assert np.array_equal(blocks.params, one.params)
+
+
 @pytest.mark.parametrize("shards", [2, 3])
 def test_a_last_batch_smaller_than_the_shards_leaves_empty_shards_that_add_nothing(shards):
     spec = Spec(SPEC.sizes, "relu", "softmax", "cross_entropy", "float64")
@@ -230,7 +259,7 @@ def test_fused_path_is_taken_only_where_it_applies():
     assert not make_engine("batch").fuses(net, adam, X8, 64)                 # full batch
     assert not make_engine("batch").fuses(net, make_optimizer("sgd", 1, "float32", 0.1), X8, 32)
     assert not make_engine("batch", dropout=DropoutOption(0.3, 1)).fuses(net, adam, X8, 32)
-    assert not make_engine("batch", augment=Augmentation(1, 2)).fuses(net, adam, X8, 32)
+    assert make_engine("batch", augment=Augmentation(1, 2)).fuses(net, adam, X8, 32)
     assert not make_engine("batch").fuses(MLP(Spec((784, 24, 10), "tanh", "softmax",
                                                    "cross_entropy", "float32")), adam, X8, 32)
     # a run says which path it took (their bits differ by rounding): the run's info records it

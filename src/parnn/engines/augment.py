@@ -3,6 +3,7 @@ transform, computed in parallel (Numba prange over the batch) straight from the 
 which is never copied.
 
     augment_batch(X, idx, out, seed, epoch, ...)   the kernel: out[b] = transform_b(X[idx[b]])
+    augment_rows(X, idx, out, lo, hi, ...)         its rows lo..hi-1 on the calling thread
     sample_transform(seed, epoch, index, ...)      the random transform one sample gets
     reference_batch(X, idx, seed, epoch, ...)      the same in plain NumPy, slow and readable,
                                                    for the tests only
@@ -185,19 +186,34 @@ def _warp(x, y, tx, ty, theta, zoom, flip, height, width, div):
             y[v * width + u] = min(max(value, zero), one)
 
 
+@njit(inline="always")
+def _augment_row(X, idx, out, b, seed, epoch, shift, subpixel, rotate, scale, hflip, height,
+                 width, divisor):
+    """out[b] = the transformed X[idx[b]]: each row on its own, so any split gives the same bits."""
+    i = idx[b]
+    tx, ty, theta, zoom, flip = _transform(seed, epoch, np.uint64(i), shift, subpixel, rotate,
+                                           scale, hflip)
+    div = typed(out[b, 0], divisor)     # 255 or 1 in out's dtype
+    if not subpixel and rotate == 0.0 and scale == 0.0:
+        _shift(X[i], out[b], tx, ty, flip, height, width, div)
+    else:
+        _warp(X[i], out[b], tx, ty, theta, zoom, flip, height, width, div)
+
+
 @njit(cache=True, parallel=True)
 def _augment(X, idx, out, seed, epoch, shift, subpixel, rotate, scale, hflip, height, width,
              divisor):
-    whole_pixels = not subpixel and rotate == 0.0 and scale == 0.0
     for b in prange(len(idx)):          # one row per iteration: any thread count, same bits
-        i = idx[b]
-        tx, ty, theta, zoom, flip = _transform(seed, epoch, np.uint64(i), shift, subpixel,
-                                               rotate, scale, hflip)
-        div = typed(out[b, 0], divisor)     # 255 or 1 in out's dtype
-        if whole_pixels:
-            _shift(X[i], out[b], tx, ty, flip, height, width, div)
-        else:
-            _warp(X[i], out[b], tx, ty, theta, zoom, flip, height, width, div)
+        _augment_row(X, idx, out, b, seed, epoch, shift, subpixel, rotate, scale, hflip, height,
+                     width, divisor)
+
+
+@njit(cache=True, nogil=True)
+def _augment_part(X, idx, out, lo, hi, seed, epoch, shift, subpixel, rotate, scale, hflip,
+                  height, width, divisor):
+    for b in range(lo, hi):             # the rows of one thread the caller runs (no pool)
+        _augment_row(X, idx, out, b, seed, epoch, shift, subpixel, rotate, scale, hflip, height,
+                     width, divisor)
 
 
 def _check(X, idx, out, shift, rotate, scale, height, width):
@@ -241,6 +257,20 @@ def augment_batch(X, idx, out, seed, epoch, shift=2, rotate=0.0, scale=0.0, hfli
     divisor = 255.0 if X.dtype == np.uint8 else 1.0
     _augment(X, idx, out, _uint64(seed), _uint64(epoch), float(shift), bool(subpixel),
              float(rotate), float(scale), bool(hflip), int(height), int(width), divisor)
+    return out
+
+
+def augment_rows(X, idx, out, lo, hi, seed, epoch, shift=2, rotate=0.0, scale=0.0, hflip=False,
+                 height=28, width=28, subpixel=False):
+    """augment_batch's rows lo..hi-1 only, on the calling thread, without the GIL and without a
+    Numba parallel region: for threads of the caller's own (a parallel region between their
+    BLAS calls would make two thread pools fight for the cores). The same bits as
+    augment_batch's rows."""
+    X = _check(X, idx, out, float(shift), float(rotate), float(scale), height, width)
+    divisor = 255.0 if X.dtype == np.uint8 else 1.0
+    _augment_part(X, idx, out, int(lo), int(hi), _uint64(seed), _uint64(epoch), float(shift),
+                  bool(subpixel), float(rotate), float(scale), bool(hflip), int(height),
+                  int(width), divisor)
     return out
 
 

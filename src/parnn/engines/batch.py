@@ -70,6 +70,14 @@ class Augmentation:
         return augment_batch(X, idx, out, self.seed, epoch, shift=self.shift, hflip=self.hflip,
                              rotate=self.rotate, scale=self.scale, subpixel=self.subpixel)
 
+    def fill_rows(self, X, idx, out, epoch, lo, hi):
+        """fill's rows lo..hi-1 only, on the calling thread (the same bits)."""
+        from parnn.engines.augment import augment_rows
+
+        return augment_rows(X, idx, out, lo, hi, self.seed, epoch, shift=self.shift,
+                            hflip=self.hflip, rotate=self.rotate, scale=self.scale,
+                            subpixel=self.subpixel)
+
 
 @dataclass(frozen=True)
 class DropoutOption:
@@ -231,6 +239,8 @@ class BatchEngine:
         S = max(1, min(S, B))                    # a shard of a batch has at least one sample
         nt = min(S, _threads())                  # threads that run the shards
         self.path = "fused" if self.fuses(net, opt, X, B) else "general"
+        if self.path == "fused" and self.augment is not None:
+            return self._train_fused_augmented(net, opt, X, T, order, B, S, nt, epoch)
         if self.path == "fused":
             return self._train_fused(net, opt, X, T, order, B, S, nt)
         shards = self.shard_nets(net, B, S)
@@ -304,12 +314,13 @@ class BatchEngine:
 
     def fuses(self, net, opt, X, B):
         """Whether train takes the fused path (parnn.engines.fused): a dense ReLU network with
-        softmax + cross-entropy, Adam, batches smaller than X, none of the options."""
+        softmax + cross-entropy, Adam, batches smaller than X, no dropout or MPI reducer
+        (augmentation: see _train_fused_augmented)."""
         spec = net.spec
         if not (self.fused and not spec.arch and spec.hidden == "relu"
                 and spec.output == "softmax" and spec.loss == "cross_entropy"
                 and getattr(opt, "name", None) == "adam" and B < len(X)
-                and self.reducer is None and self.augment is None and self.dropout is None):
+                and self.reducer is None and self.dropout is None):
             return False
         from parnn.engines import fused
         return fused.available()
@@ -347,6 +358,28 @@ class BatchEngine:
             self.solo_batches += n_batches - gave_up[0]
         opt.t += n_batches
         return EpochStats(float(sum(losses.tolist())), int(hits.sum()), len(order))
+
+    def _train_fused_augmented(self, net, opt, X, T, order, B, S, nt, epoch):
+        """The fused path on augmented batches: AUGMENT_BATCHES batches at a time are written by
+        the fused path's own threads, each its share of the rows (Augmentation.fill_rows: no
+        Numba parallel region, whose pool would fight the threads for the cores), then trained
+        on the fused path in order. Each sample's transform is its own, so the batches are the
+        general path's, bit for bit."""
+        block = AUGMENT_BATCHES * B
+        stats = EpochStats()
+        for start in range(0, len(order), block):
+            rows = order[start:start + block]
+            if self._aug is None or len(self._aug) < len(rows) or \
+                    self._aug.shape[1] != X.shape[1] or self._aug.dtype != net.dtype:
+                self._aug = None                 # free the old buffer before the new one
+                self._aug = np.empty((len(rows), X.shape[1]), net.dtype)
+            Xa, n = self._aug[:len(rows)], len(rows)
+            with Crew(nt) as crew:
+                crew.run(lambda t: self.augment.fill_rows(X, rows, Xa, epoch, n * t // nt,
+                                                          n * (t + 1) // nt))
+            Ta = np.take(T, rows, axis=0)
+            stats += self._train_fused(net, opt, Xa, Ta, np.arange(n), B, S, nt)
+        return stats
 
     def _blas_single(self):
         """A context in which BLAS runs on the calling thread only (each shard's thread)."""
