@@ -251,3 +251,6 @@ def test_rows_written_in_parts_on_the_callers_threads_are_the_kernels_rows(dtype
         for lo, hi in ((0, 30), (30, 31), (31, 77)):
             augment_rows(images, idx, parts, lo, hi, 4, 3, **opts)
         assert np.array_equal(parts, whole)
+    for lo, hi in ((0, 78), (-1, 5), (10, 9)):                  # never outside the batch
+        with pytest.raises(ConfigError, match="not within the batch's 0..77"):
+            augment_rows(X, idx, parts, lo, hi, 4, 3, **opts)

@@ -121,8 +121,9 @@ def test_batch_engine_augments_like_numpy_and_augmenting_changes_the_run():
     assert not np.array_equal(plain.params, augmented.params)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused path", "general path"])
 def test_augmented_batches_depend_on_seed_epoch_and_sample_not_threads_or_chunks(
-        restore_threads, monkeypatch):
+        restore_threads, monkeypatch, fused):
     from parnn.engines import batch
 
     import numba
@@ -135,9 +136,11 @@ def test_augmented_batches_depend_on_seed_epoch_and_sample_not_threads_or_chunks
         numba.set_num_threads(threads)
         net = MLP(AUG_SPEC, seed=0)
         opt = make_optimizer("adam", AUG_SPEC.n_params, AUG_SPEC.dtype, 0.01)
-        eng = make_engine("batch", augment=Augmentation(seed, shift=2, hflip=True))
+        eng = make_engine("batch", augment=Augmentation(seed, shift=2, hflip=True), fused=fused)
         for part in np.split(order, chunks):      # whole batches of 20: a resumed epoch's chunks
             eng.train(net, opt, X, T, part, 20, epoch=epoch)
+        assert eng.info()["path"] == ("fused" if fused and batch.BatchEngine().fuses(
+            net, opt, X, 20) else "general")
         return net.params
 
     one = run(threads=1, chunks=1)
@@ -180,11 +183,12 @@ def test_batch_engine_drops_out_like_numpy_and_independently_of_threads_and_chun
 
 # --- uint8 pixels: the training set as stored, scaled per batch ---------------------------------
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused path", "general path"])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("batch_size, augment", [(32, False), (200, False), (32, True),
                                                  (200, True)])
 def test_batch_engine_on_uint8_pixels_matches_the_scaled_float_copy_bitwise(dtype, batch_size,
-                                                                          augment):
+                                                                          augment, fused):
     from parnn.engines.batch import Augmentation
 
     spec = Spec(AUG_SPEC.sizes, "relu", "softmax", "cross_entropy", dtype)
@@ -192,7 +196,7 @@ def test_batch_engine_on_uint8_pixels_matches_the_scaled_float_copy_bitwise(dtyp
     X8 = (rng.integers(0, 256, (200, 784)) * (rng.random((200, 784)) < 0.5)).astype(np.uint8)
     X = X8.astype(dtype) / np.dtype(dtype).type(255)      # what the data path used to keep
     _, T, order = synthetic(spec, 200)
-    kw = dict(optimizer="adam", lr=0.01, batch_size=batch_size, threads=2,
+    kw = dict(optimizer="adam", lr=0.01, batch_size=batch_size, threads=2, fused=fused,
               augment=Augmentation(seed=3, shift=2, hflip=True) if augment else None)
     floats, _, fstats = train("batch", spec, X, T, order, **kw)
     pixels, _, pstats = train("batch", spec, X8, T, order, **kw)
@@ -204,7 +208,8 @@ def test_batch_engine_on_uint8_pixels_matches_the_scaled_float_copy_bitwise(dtyp
 # --- shards: each thread computes its share of a batch, summed in shard order -----------------
 
 @pytest.mark.parametrize("shards", [2, 3])
-@pytest.mark.parametrize("options", [{}, {"dropout": 0.3}, {"augment": True}])
+@pytest.mark.parametrize("options", [{}, {"dropout": 0.3}, {"augment": True},
+                                     {"augment": True, "fused": False}])
 def test_sharded_batches_give_the_same_bits_at_any_thread_count(shards, options):
     from parnn.engines.batch import Augmentation, DropoutOption
 
@@ -215,7 +220,8 @@ def test_sharded_batches_give_the_same_bits_at_any_thread_count(shards, options)
         kw["dropout"] = DropoutOption(options["dropout"], seed=7)
     if "augment" in options:
         kw["augment"] = Augmentation(seed=3, shift=2, hflip=True)
-    runs = [train("batch", spec, X, T, order, threads=p, **kw) for p in (1, 2)]
+    engine_only = {"fused": options["fused"]} if "fused" in options else {}
+    runs = [train("batch", spec, X, T, order, threads=p, **kw, **engine_only) for p in (1, 2)]
     (one, opt1, s1), others = runs[0], runs[1:]
     for net, opt, s in others:
         assert np.array_equal(net.params, one.params)

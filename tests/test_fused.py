@@ -172,8 +172,10 @@ def test_fused_path_trains_on_the_general_paths_augmented_batches(aug, monkeypat
                         batch_size=32)
     assert not np.array_equal(plain.params, one.params)          # the batches were augmented
     monkeypatch.setattr(batch, "AUGMENT_BATCHES", 3)             # blocks of 3 batches
-    blocks, _, _ = train("batch", spec, X8, T, order, threads=2, **kw)
+    blocks, bopt, bs = train("batch", spec, X8, T, order, threads=2, **kw)
     assert np.array_equal(blocks.params, one.params)
+    assert (bs.n, bs.correct, bopt.t) == (s1.n, s1.correct, 7)   # stats summed over blocks
+    assert bs.loss_sum == pytest.approx(s1.loss_sum, rel=1e-12)
 
 
 @pytest.mark.parametrize("shards", [2, 3])

@@ -1,6 +1,6 @@
 """On-the-fly data augmentation: every image of a mini-batch gets its own small random affine
-transform, computed in parallel (Numba prange over the batch) straight from the training set,
-which is never copied.
+transform, computed in parallel (Numba prange over the batch, or a share of the rows on each of
+the caller's threads) straight from the training set, which is never copied.
 
     augment_batch(X, idx, out, seed, epoch, ...)   the kernel: out[b] = transform_b(X[idx[b]])
     augment_rows(X, idx, out, lo, hi, ...)         its rows lo..hi-1 on the calling thread
@@ -267,6 +267,8 @@ def augment_rows(X, idx, out, lo, hi, seed, epoch, shift=2, rotate=0.0, scale=0.
     BLAS calls would make two thread pools fight for the cores). The same bits as
     augment_batch's rows."""
     X = _check(X, idx, out, float(shift), float(rotate), float(scale), height, width)
+    if not 0 <= lo <= hi <= len(idx):
+        raise ConfigError(f"rows {lo}..{hi} are not within the batch's 0..{len(idx)}")
     divisor = 255.0 if X.dtype == np.uint8 else 1.0
     _augment_part(X, idx, out, int(lo), int(hi), _uint64(seed), _uint64(epoch), float(shift),
                   bool(subpixel), float(rotate), float(scale), bool(hflip), int(height),

@@ -115,7 +115,7 @@ def draw_masks(tnet, epoch, idx):
             layer.draw(epoch, idx)
 
 
-AUGMENT_BATCHES = 64      # batches augmented in one parallel call (at most)
+AUGMENT_BATCHES = 64      # batches augmented in one call (at most): one block of rows
 SHARDS = 2                # shards of a batch, one process (see BatchEngine)
 
 
@@ -361,9 +361,9 @@ class BatchEngine:
 
     def _train_fused_augmented(self, net, opt, X, T, order, B, S, nt, epoch):
         """The fused path on augmented batches: AUGMENT_BATCHES batches at a time are written by
-        the fused path's own threads, each its share of the rows (Augmentation.fill_rows: no
-        Numba parallel region, whose pool would fight the threads for the cores), then trained
-        on the fused path in order. Each sample's transform is its own, so the batches are the
+        a crew of as many threads as the fused path runs, each its share of the rows
+        (Augmentation.fill_rows: no Numba parallel region, whose pool would fight the fused
+        path's threads for the cores), then trained on the fused path in order. Each sample's transform is its own, so the batches are the
         general path's, bit for bit."""
         block = AUGMENT_BATCHES * B
         stats = EpochStats()
