@@ -206,14 +206,17 @@ class BatchEngine:
             return 1
         return SHARDS
 
-    def _augment_block(self, X, order, epoch, dtype):
-        """The augmented X[order] in dtype, in a buffer reused from call to call."""
+    def _block_buffer(self, n, X, dtype):
+        """n rows like X's in dtype for a block of augmented batches, reused from call to call."""
         buf = self._aug
-        if buf is None or len(buf) < len(order) or buf.shape[1:] != X.shape[1:] \
-                or buf.dtype != dtype:
+        if buf is None or len(buf) < n or buf.shape[1:] != X.shape[1:] or buf.dtype != dtype:
             self._aug = None                     # free the old buffer before the new one
-            self._aug = buf = np.empty((len(order), X.shape[1]), dtype)
-        return self.augment.fill(X, order, buf[:len(order)], epoch)
+            self._aug = buf = np.empty((n, X.shape[1]), dtype)
+        return buf[:n]
+
+    def _augment_block(self, X, order, epoch, dtype):
+        """The augmented X[order] in dtype (the parallel kernel)."""
+        return self.augment.fill(X, order, self._block_buffer(len(order), X, dtype), epoch)
 
     def shard_nets(self, net, B, S):
         """S (training net, workspace) pairs, kept from call to call: each shard its own
@@ -363,17 +366,14 @@ class BatchEngine:
         """The fused path on augmented batches: AUGMENT_BATCHES batches at a time are written by
         a crew of as many threads as the fused path runs, each its share of the rows
         (Augmentation.fill_rows: no Numba parallel region, whose pool would fight the fused
-        path's threads for the cores), then trained on the fused path in order. Each sample's transform is its own, so the batches are the
-        general path's, bit for bit."""
+        path's threads for the cores), then trained on the fused path in order. Each sample's
+        transform is its own, so the batches are the general path's, bit for bit."""
         block = AUGMENT_BATCHES * B
         stats = EpochStats()
         for start in range(0, len(order), block):
             rows = order[start:start + block]
-            if self._aug is None or len(self._aug) < len(rows) or \
-                    self._aug.shape[1] != X.shape[1] or self._aug.dtype != net.dtype:
-                self._aug = None                 # free the old buffer before the new one
-                self._aug = np.empty((len(rows), X.shape[1]), net.dtype)
-            Xa, n = self._aug[:len(rows)], len(rows)
+            n = len(rows)
+            Xa = self._block_buffer(n, X, net.dtype)
             with Crew(nt) as crew:
                 crew.run(lambda t: self.augment.fill_rows(X, rows, Xa, epoch, n * t // nt,
                                                           n * (t + 1) // nt))
