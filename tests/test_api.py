@@ -232,6 +232,12 @@ def test_an_ensemble_file_soft_votes(tmp_path, blobs):
     assert len(ensemble.nets) == 3 and "ensemble of 3" in repr(ensemble)
     vote = combine_outputs([m.nets[0].output(blobs.X_test) for m in members], "soft")
     np.testing.assert_array_equal(ensemble.predict_proba(blobs.X_test), vote)
+    # every path that votes gives these bits: `parnn evaluate`'s and parnn.train(members=K)'s
+    from parnn.cli.models import outputs
+    from parnn.run.members import soft_vote
+
+    np.testing.assert_array_equal(outputs(ensemble, blobs.X_test, "ens"), vote)
+    np.testing.assert_array_equal(soft_vote(ensemble.nets, blobs.X_test), vote)
     assert np.array_equal(ensemble.predict(blobs.X_test), vote.argmax(axis=1))
     ensemble.save(tmp_path / "again.safetensors")   # and it saves as an ensemble again
     assert np.array_equal(parnn.load(tmp_path / "again.safetensors").predict(blobs.X_test),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from parnn.core.layers import ACTIVATIONS, DERIVATIVES, Dense, param_views
-from parnn.core.model import MLP, Spec, init_params, views
+from parnn.core.model import MLP, Spec, init_params, soft_vote, views
 from parnn.errors import ConfigError
 
 COMBOS = [(h, o, l) for h, o, l in itertools.product(("tanh", "sigmoid", "relu"),
@@ -280,3 +280,17 @@ def test_dropout_gradient_matches_central_differences_at_a_fixed_mask():
     # net itself, for scoring and inference, has no dropout layers
     assert len(net.layers) == 3
     np.testing.assert_array_equal(net.forward(X)[-1], MLP(spec, net.params.copy()).forward(X)[-1])
+
+
+def test_soft_vote_is_the_float64_mean_in_the_members_dtype():
+    rng = np.random.default_rng(0)
+    outs = [rng.random((50, 10), dtype=np.float32) for _ in range(7)]
+    vote = soft_vote(outs)
+    assert vote.dtype == np.float32
+    exact = sum(o.astype(np.float64) for o in outs) / 7
+    np.testing.assert_array_equal(vote, exact.astype(np.float32))
+    assert soft_vote(iter(outs)).tobytes() == vote.tobytes()     # any iterable of outputs
+    one = soft_vote(outs[:1])
+    assert one.tobytes() == outs[0].tobytes()                    # one member: unchanged
+    with pytest.raises(ConfigError, match="at least one"):
+        soft_vote([])

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parnn.core.model import soft_vote
 from parnn.errors import ConfigError, DataError, ModelFileError
 from parnn.paths import path_kind, shown
 
@@ -20,14 +21,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".we
 
 
 def outputs(model, X, path):
-    """The model's output layer on X (an ensemble's: the soft vote, as in parnn.distributed),
+    """The model's output layer on X (an ensemble's: the soft vote, parnn.core.model.soft_vote),
     or ModelFileError if any of it is NaN or infinity: weights that overflow give no class."""
     with np.errstate(all="ignore"):
-        out = model.nets[0].output(X)
-        for net in model.nets[1:]:
-            out += net.output(X)
-        if len(model.nets) > 1:
-            out /= len(model.nets)
+        out = soft_vote([net.output(X) for net in model.nets])
     if not np.isfinite(out).all():
         raise ModelFileError(f"{shown(path)}: the network's outputs are NaN or infinity (its "
                              "weights overflow): this model cannot classify anything")

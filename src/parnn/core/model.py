@@ -152,6 +152,20 @@ def views(spec, flat):
     return list(Ws), list(bs)
 
 
+def soft_vote(outputs):
+    """An ensemble's output: the mean of its members' output layers (each (n, classes)), summed
+    in float64 in member order and returned in the members' dtype. Every path that votes (a
+    loaded ensemble, `parnn evaluate`, an MPI ensemble, members trained in one process) calls
+    this, so they agree to the bit; one member's output comes back unchanged."""
+    outputs = list(outputs)
+    if not outputs:
+        raise ConfigError("a vote needs at least one member's outputs")
+    total = outputs[0].astype(np.float64)
+    for out in outputs[1:]:
+        total += out
+    return (total / len(outputs)).astype(outputs[0].dtype, copy=False)
+
+
 def init_params(spec, scheme="xavier", seed=0):
     """A new flat parameter buffer.
 

@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from parnn.core.model import soft_vote
 from parnn.errors import ConfigError, ParnnError
 
 VOTES = ("soft", "hard")
@@ -69,13 +70,13 @@ ENTERED = False
 def combine_outputs(outputs, vote="soft"):
     """Combine the members' output layers (each (n, classes)) into one (n, classes) score.
 
-    soft: the mean of the outputs; hard: the number of members that voted for each class
-    (ties broken by the soft score, so the result is never arbitrary).
+    soft: the mean of the outputs (parnn.core.model.soft_vote); hard: the number of members
+    that voted for each class (ties broken by the soft score, so the result is never arbitrary).
     """
-    stack = np.stack(outputs)
-    soft = stack.mean(axis=0)
+    soft = soft_vote(outputs)
     if vote == "soft":
         return soft
+    stack = np.stack(outputs)
     n_classes = stack.shape[2]
     votes = np.zeros_like(soft)
     for out in stack:

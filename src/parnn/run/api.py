@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from parnn.core.model import soft_vote
 from parnn.engines import scaled
 from parnn.errors import ConfigError, ModelFileError
 from parnn.run import outputs, train as loop
@@ -189,11 +190,7 @@ class Model:
         is the network's prediction, but they are not calibrated. An ensemble soft-votes:
         the members' outputs are averaged first (as `parnn evaluate` does), then mapped."""
         X = check_inputs(X, self.n_features_in, self.dtype, self.inputs, keep_uint8=True)
-        out = _output(self.nets[0], X)
-        for net in self.nets[1:]:
-            out += _output(net, X)
-        if len(self.nets) > 1:
-            out /= len(self.nets)
+        out = soft_vote([_output(net, X) for net in self.nets])
         return probabilities(out, self.spec.output)
 
     def predict(self, X):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from parnn.core.model import soft_vote as vote
 from parnn.engines import scaled
 from parnn.errors import ConfigError
 from parnn.run import train as loop
@@ -54,13 +55,10 @@ class Members:
 
 
 def soft_vote(nets, X):
-    """The mean of the members' output probabilities for rows X (floats, or uint8 pixels:
-    x / 255 in the members' dtype), (n, classes)."""
+    """The members' soft vote (parnn.core.model.soft_vote) for rows X (floats, or uint8
+    pixels: x / 255 in the members' dtype), (n, classes)."""
     Xf = scaled(X, nets[0].dtype)
-    out = nets[0].forward(Xf)[-1].astype(np.float64)
-    for net in nets[1:]:
-        out += net.forward(Xf)[-1]
-    return out / len(nets)
+    return vote([net.forward(Xf)[-1] for net in nets])
 
 
 def vote_accuracy(nets, subset, batch=SCORE_ROWS):
