@@ -302,3 +302,32 @@ def test_the_readmes_python_runs(tmp_path):
     lines = r.stdout.splitlines()
     assert float(lines[0]) > 0.8 and float(lines[1]) > 0.8
     assert (tmp_path / "fashion.safetensors").is_file()
+
+
+def test_bad_paths_labels_and_empty_images_get_parnns_one_line_errors(tmp_path, trained, blobs):
+    """Before: TypeError from deep inside (load(None), score(X, None)), NumPy's reshape
+    message for (0, 28, 28), and raw OSErrors from save."""
+    from parnn.errors import ParnnError
+
+    model, _ = trained
+    for bad in (None, 5, "", "a\0b"):
+        with pytest.raises(ConfigError, match="path"):
+            parnn.load(bad)
+        with pytest.raises(ConfigError, match="path"):
+            model.save(bad)
+    read_only = tmp_path / "ro.safetensors"
+    read_only.write_bytes(b"keep")
+    read_only.chmod(0o444)
+    (tmp_path / "file").write_bytes(b"")
+    for bad in (tmp_path, tmp_path / "file" / "model.safetensors", read_only):
+        with pytest.raises(ParnnError, match="cannot write the model file") as e:
+            model.save(bad)
+        assert "\n" not in str(e.value)
+    assert read_only.read_bytes() == b"keep"
+    for y in (None, 3, [[1, 2]]):
+        with pytest.raises(ValueError, match="y must be a 1-d array of labels"):
+            model.score(blobs.X_test, y)
+    with pytest.raises(ValueError, match=r"shape \(0, 784\): it needs at least one sample"):
+        model.predict(np.zeros((0, 28, 28), np.uint8))
+    with pytest.raises(ValueError, match=r"values in \[1.00000012, 1.00000012\]"):
+        model.predict(np.full((2, 784), 1.0000001, np.float32))

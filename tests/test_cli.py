@@ -718,3 +718,27 @@ def test_info_and_export_of_a_trained_model(tmp_path):
     out = parnn("export", model, tmp_path / "m.onnx")
     assert out.returncode == 0, out.stderr
     assert (tmp_path / "m.onnx").stat().st_size > 4 * as_json["n_params"]
+
+
+def test_export_and_figure_never_destroy_a_file(ws, tmp_path):
+    """Before: `parnn export M M` replaced the model with its ONNX graph, and `evaluate
+    --figure` drew over any file (the model, history.json), exit 0."""
+    model = tmp_path / "model.safetensors"
+    model.write_bytes((ws / "run" / "model.safetensors").read_bytes())
+    before = model.read_bytes()
+    other = tmp_path / "notes.txt"
+    other.write_text("keep me")
+    for args in (["evaluate", model, "--data", ws / "data", "--figure", model, "--overwrite"],
+                 ["evaluate", model, "--data", ws / "data", "--figure", other],
+                 ["export", model, model, "--overwrite"], ["export", model, other],
+                 ["export", model, tmp_path]):
+        r = parnn(*args)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+        assert r.stdout == ""
+    assert model.read_bytes() == before and other.read_text() == "keep me"
+    assert "reads" in parnn("export", model, model).stderr
+    assert "--overwrite" in parnn("export", model, other).stderr
+    r = parnn("evaluate", model, "--data", ws / "data", "--figure", other, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    with Image.open(other) as im:
+        assert im.format == "PNG"

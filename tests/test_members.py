@@ -2,6 +2,9 @@
 
 import dataclasses
 import json
+import os
+import signal
+import time
 
 import numpy as np
 import pytest
@@ -98,16 +101,46 @@ def test_recipes_cycle_over_the_members_each_with_its_own_seed():
 
 def test_a_recipe_that_changes_the_network_or_is_unknown_is_refused():
     cfg = config.make_config("modern", **FAST)
-    with pytest.raises(ConfigError, match="share one shape"):
+    with pytest.raises(ConfigError, match=r"hidden \(64,\) instead of \(32,\).*share one"):
         members.member_configs(cfg, 2, [{}, {"hidden": (64,)}])
+    for recipe in ({"dtype": "float64"}, {"loss": "mse"}, {"activation": "tanh"}):
+        setting = next(iter(recipe))     # the setting named, not two equal shapes
+        with pytest.raises(ConfigError, match=f"{setting} '{recipe[setting]}' instead of"):
+            members.member_configs(cfg, 2, [{}, recipe])
     with pytest.raises(ConfigError, match="unknown member recipe 'bagging'"):
         members.member_configs(cfg, 2, "bagging")
     with pytest.raises(ConfigError, match="unknown setting"):
         members.member_configs(cfg, 2, [{"widht": 3}])
-    with pytest.raises(ConfigError, match="dicts of settings"):
-        members.member_configs(cfg, 2, [])
+    for bad in ([], 42, {"augment": "shift1"}, [{}, "shift1"]):
+        with pytest.raises(ConfigError, match="dicts of settings"):
+            members.member_configs(cfg, 2, bad)
     with pytest.raises(ConfigError, match="cannot set seed"):
         members.member_configs(cfg, 2, [{}, {"seed": 7}])
+
+
+def test_every_member_is_checked_before_the_first_trains(blobs):
+    """Before: member 1 trained in full, then member 2's recipe was refused by its engine;
+    and --members 10**20 built configs until memory ran out."""
+    seen = []
+    for cfg, recipes, message in [
+            (config.make_config("paper", **dict(FAST, engine="owner")), "shift1",
+             "cannot apply"),
+            (config.make_config("paper", **dict(FAST, engine="serial")), [{}, {"dropout": 0.3}],
+             "cannot apply --dropout"),
+            (config.make_config("modern", validation_split=0.0, early_stopping=2, **FAST), None,
+             "no validation set")]:
+        with pytest.raises(ConfigError, match=message):
+            parnn.train(blobs.X_train, blobs.y_train, config=cfg, members=2,
+                        member_recipes=recipes, log=seen.append)
+    assert seen == []                      # not a line of training
+    with pytest.raises(ConfigError, match="members of .* parameters each need about"):
+        members.member_configs(config.make_config("modern"), 10**20)
+
+
+def test_one_member_with_a_recipe_returns_one_history(blobs):
+    model, history = parnn.train(blobs.X_train, blobs.y_train, members=1,
+                                 member_recipes="shift1", **FAST)
+    assert isinstance(history, list) and isinstance(history[0], dict) and len(model.nets) == 1
 
 
 def test_a_member_with_a_recipe_is_the_run_of_its_own_config(blobs):
@@ -182,3 +215,18 @@ def test_parnn_train_members_refuses_in_one_line(tmp_path, flags, message):
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (tmp_path / "ens").exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_while_members_train_is_one_line_and_its_status(signum):
+    """Before: SIGTERM killed `parnn train --members` silently, leaving its locks behind."""
+    from parnn.run.checkpoint import Interrupted
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted, match=f"stopped by {signum.name} after 1 of 3 members .*"
+                       "nothing was written") as caught:
+        with members._stopped_by_signals(["member 1"], 3):
+            os.kill(os.getpid(), signum)
+            time.sleep(5)                       # the handler interrupts this
+    assert caught.value.exit_status == 128 + signum
+    assert signal.getsignal(signal.SIGTERM) == before      # handlers given back

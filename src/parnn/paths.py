@@ -4,7 +4,8 @@ Path.exists() and is_dir() raise PermissionError and "File name too long" as the
 open() waits forever on a FIFO. Every path parnn reads or writes goes through path_kind() or
 open_regular() instead, which turn any OSError into `error` (a ParnnError subclass the caller
 picks) with one line, the path escaped by shown() so that a newline in it cannot split it.
-check_output_dir() tests an output directory before any work is done.
+check_output_dir() tests an output directory before any work is done, check_output_file() a
+file output (export, a figure).
 """
 
 from __future__ import annotations
@@ -134,6 +135,25 @@ def check_output_dir(path, flag, files=()):
             raise ConfigError(f"{flag} {shown(path)}: {shown(name)} is read-only: parnn does not "
                               f"replace a read-only file; make it writable (chmod u+w) or "
                               f"choose another {flag}")
+
+
+def check_output_file(path, what, overwrite=False, reads=()):
+    """Refuse up front a file output (what: how the message names it) that would destroy
+    something: one of the files this command reads (`reads`; even with --overwrite), an
+    existing file without --overwrite, or anything check_output_dir refuses in its place."""
+    p = Path(path)
+    for source in reads:
+        try:
+            same = os.path.samefile(p, source)
+        except OSError:
+            same = False       # one of them is not there: they are not the same file
+        if same:
+            raise ConfigError(f"{what} {shown(path)} is the file this command reads: writing it "
+                              "would destroy it; choose another name")
+    check_output_dir(p.parent if str(p.parent) else ".", what, files=(p.name,))
+    if path_kind(p, ConfigError) is not None and not overwrite:
+        raise ConfigError(f"{what} {shown(path)} exists: add --overwrite to replace it, or "
+                          "choose another name")
 
 
 def _kind_or_none(p):

@@ -371,7 +371,9 @@ def cmd_info(args):
 
 def cmd_export(args):
     from parnn.export import to_onnx     # says how to install onnx when it is missing
+    from parnn.paths import check_output_file
 
+    check_output_file(args.out, "output", args.overwrite, reads=(args.model,))
     to_onnx(args.model, args.out, opset=args.opset)
     print(f"{args.model} written as ONNX to {args.out}")
 

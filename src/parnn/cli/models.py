@@ -14,7 +14,7 @@ import numpy as np
 
 from parnn.core.model import soft_vote
 from parnn.errors import ConfigError, DataError, ModelFileError
-from parnn.paths import path_kind, shown
+from parnn.paths import check_output_file, path_kind, shown
 
 # What `predict DIR` reads from a directory (others are skipped).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".npy")
@@ -38,6 +38,8 @@ def evaluate(args, warn):
     from parnn import metrics
     from parnn.run.api import load
 
+    if args.figure is not None:
+        check_output_file(args.figure, "--figure", args.overwrite, reads=(args.model,))
     model = load(args.model)
     ds = datamod.load_dataset(args.dataset, args.data, model.dtype, 1, args.limit_test)
     sizes = model.spec.sizes

@@ -224,6 +224,8 @@ def build_parser():
                    help="score the first N test images only (default: all)")
     e.add_argument("--figure", type=Path, metavar="PATH",
                    help="also draw the confusion matrix into PATH (PNG)")
+    e.add_argument("--overwrite", action="store_true",
+                   help="replace the file in --figure if there is one (refused without it)")
     e.add_argument("--json", action="store_true",
                    help="print one JSON object (accuracy, per-class precision, recall and F1, "
                    "the confusion matrix) instead of the report")
@@ -261,6 +263,8 @@ def build_parser():
     x.add_argument("model", type=Path, help="a model or ensemble file (model.safetensors)")
     x.add_argument("out", type=Path, help="the .onnx file to write")
     x.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    x.add_argument("--overwrite", action="store_true",
+                   help="replace OUT if there is a file there (refused without it)")
 
     d = sub.add_parser("data", help="find, describe or download the dataset")
     dsub = d.add_subparsers(dest="data_command", metavar="COMMAND", parser_class=Parser)

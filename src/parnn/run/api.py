@@ -11,11 +11,14 @@ Inputs are checked by run/arrays.py; the loop is run/train.py.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from parnn.core.model import soft_vote
 from parnn.engines import scaled
-from parnn.errors import ConfigError, ModelFileError
+from parnn.errors import ConfigError, ModelFileError, ParnnError
+from parnn.paths import shown
 from parnn.run import outputs, train as loop
 from parnn.run.arrays import INPUTS, check_inputs, encode_labels, validation_rows
 from parnn.run.config import batch_size_for, resolve
@@ -77,7 +80,9 @@ def train(X, y, *, X_val=None, y_val=None, config=None, classes=None, class_name
     meta = outputs.model_metadata(ens.results[0], data, classes, inputs)
     meta.update(members=members, seeds=[r.config.seed for r in ens.results],
                 val_acc=ens.val_acc)
-    return Model(ens.nets, classes, names, meta, inputs), [r.history for r in ens.results]
+    histories = [r.history for r in ens.results]     # one member (a recipe given): its own
+    return Model(ens.nets, classes, names, meta, inputs), \
+        histories if members > 1 else histories[0]
 
 
 def run_training(cfg, data, *, validation=None, test_every_epoch=False, **options):
@@ -119,7 +124,7 @@ def load(path):
     is damaged or not a parnn model."""
     from parnn import io
 
-    nets, meta = io.load_any(path)
+    nets, meta = io.load_any(_model_path(path))
     n_out = nets[0].spec.sizes[-1]
     classes = meta.get("classes")
     if classes is None:   # written before classes were saved: class indices
@@ -200,6 +205,8 @@ class Model:
     def score(self, X, y):
         """Accuracy on (X, y), y being labels of `classes`."""
         y = np.asarray(y)
+        if y.ndim != 1:
+            raise ValueError(f"y must be a 1-d array of labels, got {_described(y)}")
         pred = self.predict(X)
         _same_length(pred, y, "X", "y")
         return float(np.mean(pred == y))
@@ -214,10 +221,15 @@ class Model:
                              f"{self.classes.dtype}")
         meta = {**self.meta, "classes": classes, "class_names": list(self.class_names),
                 "inputs": self.inputs}
-        if len(self.nets) == 1:
-            io.save_model(path, self.nets[0], meta)
-        else:
-            io.save_ensemble(path, self.nets, meta)
+        path = _model_path(path)
+        try:
+            if len(self.nets) == 1:
+                io.save_model(path, self.nets[0], meta)
+            else:
+                io.save_ensemble(path, self.nets, meta)
+        except OSError as e:     # a directory, a read-only file, no such directory, ...
+            raise ParnnError(f"{shown(path)}: cannot write the model file: "
+                             f"{e.strerror or e}") from None
 
     def to_onnx(self, path=None, opset=17):
         """This model as an ONNX graph (parnn.export.to_onnx; the `onnx` extra), written to path
@@ -262,6 +274,24 @@ def _class_names(names, classes):
     if len(names) != len(classes):
         raise ValueError(f"{len(names)} class names for {len(classes)} classes")
     return names
+
+
+def _model_path(path):
+    """path, if it can name a file; ConfigError (one line) for None, a number, ""."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"a model file's path must be a str or a path, got "
+                          f"{type(path).__name__}")
+    name = os.fsdecode(path)
+    if not name:
+        raise ConfigError("a model file's path is empty")
+    if "\0" in name:
+        raise ConfigError(f"a model file's path cannot hold a NUL byte: {shown(name)}")
+    return path
+
+
+def _described(a):
+    """An array that should not be there, in a few words: "a 0-d array (None)"."""
+    return f"a {a.ndim}-d array" + (f" ({a.item()!r:.40})" if a.ndim == 0 else f" of shape {a.shape}")
 
 
 def _same_length(X, y, x_name, y_name):

@@ -43,7 +43,7 @@ def check_inputs(X, n_features=None, dtype="float32", inputs="pixels", what="X",
     if X.dtype.kind not in "biuf":
         raise ValueError(f"{what} must hold numbers, got an array of {X.dtype}")
     if X.ndim == 3 and X.shape[1:] == IMAGE_SHAPE and n_features in (None, 28 * 28):
-        X = X.reshape(len(X), -1)
+        X = X.reshape(len(X), 28 * 28)    # -1 cannot be inferred for 0 images
     if X.ndim != 2 or (n_features is not None and X.shape[1] != n_features):
         hint = " (one sample? pass X[None], or X.reshape(1, -1))" if X.ndim == 1 else ""
         raise ValueError(f"{what} has shape {X.shape}, expected {want}{hint}")
@@ -66,8 +66,9 @@ def check_inputs(X, n_features=None, dtype="float32", inputs="pixels", what="X",
     if inputs == "pixels" and (lo < 0 or hi > 1):
         scale = (" (0..255 pixels? pass them as uint8, which parnn scales, or divide by 255)"
                  if hi > 1 else "")
-        raise ValueError(f"{what} has values in [{lo + 0:g}, {hi + 0:g}], expected pixel values in "
-                         f"[0, 1]{scale}; for other inputs train with inputs='features'")
+        # 9 digits: a float32 just above 1 must not print as 1
+        raise ValueError(f"{what} has values in [{lo + 0:.9g}, {hi + 0:.9g}], expected pixel "
+                         f"values in [0, 1]{scale}; for other inputs train with inputs='features'")
     return X
 
 

@@ -19,6 +19,7 @@ core (BLAS), and K members at once would hold K workspaces; `mpiexec -n K parnn 
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,8 @@ from parnn.run.api import holdout, memory_check
 from parnn.run.config import override
 from parnn.run.memory import SCORE_ROWS
 
+# The settings that make the network itself (its Spec): a member recipe may not change them.
+SHAPE_SETTINGS = ("hidden", "layers", "activation", "output", "loss", "dtype")
 # What each member trains with, cycled over the members (`parnn train --member-recipe NAME`):
 # "seeds", the run's settings for all; "shift1", every other member trained on batches shifted
 # by up to a pixel (--augment shift1), whose mistakes differ more from the plain members' than
@@ -73,41 +76,63 @@ def check_members(members):
         raise ConfigError(f"members must be an integer >= 1, got {members!r}")
 
 
-def member_configs(cfg, members, recipes=None):
-    """The config of each member: cfg with seed + k and, given recipes (settings dicts, or a
-    name in MEMBER_RECIPES), the settings of recipes[k % len(recipes)]; ConfigError for a
-    recipe that changes the network's shape (one ensemble file holds one spec)."""
-    check_members(members)
+def _recipes(recipes):
+    """recipes as a list of settings dicts (None: "seeds"; a name: MEMBER_RECIPES')."""
     if recipes is None or isinstance(recipes, str):
         if (recipes or "seeds") not in MEMBER_RECIPES:
             raise ConfigError(f"unknown member recipe {recipes!r}: choose one of "
                               f"{', '.join(MEMBER_RECIPES)}")
-        recipes = MEMBER_RECIPES[recipes or "seeds"]
-    recipes = list(recipes)
-    if not recipes or not all(isinstance(r, dict) for r in recipes):
-        raise ConfigError("member recipes must be one or more dicts of settings")
+        return MEMBER_RECIPES[recipes or "seeds"]
+    if not isinstance(recipes, (list, tuple)) or not recipes \
+            or not all(isinstance(r, dict) for r in recipes):
+        raise ConfigError("member recipes must be a list of one or more dicts of settings, or "
+                          f"one of the names {', '.join(MEMBER_RECIPES)}; got {recipes!r:.60}")
+    return list(recipes)
+
+
+def member_configs(cfg, members, recipes=None, n_in=784, n_out=10):
+    """The config of each member: cfg with seed + k and, given recipes (settings dicts, or a
+    name in MEMBER_RECIPES), the settings of recipes[k % len(recipes)]. Everything a member
+    could be refused for is checked here, before any member trains: a recipe that changes the
+    network (one ensemble file holds one spec), an engine that cannot take a recipe's settings,
+    early stopping without a validation split, K members' weights beyond the memory."""
+    from parnn.run.config import check_engine
+    from parnn.run.memory import check_kept
+
+    check_members(members)
+    recipes = _recipes(recipes)
     for fixed in ("seed", "validation_split"):   # member k's seed is seed + k; one split for all
         if any(fixed in r for r in recipes):
             raise ConfigError(f"a member recipe cannot set {fixed}: it is the run's for every "
                               "member (member k trains with seed + k, on one split)")
-    configs = [override(cfg, **recipes[k % len(recipes)], seed=cfg.seed + k)
-               for k in range(members)]
-    for c in configs:
-        if c.spec() != cfg.spec():
-            raise ConfigError(f"a member recipe changes the network ({c.spec().shape_text()} "
-                              f"instead of {cfg.spec().shape_text()}): the members of one "
-                              "ensemble share one shape")
-    return configs
+    spec = cfg.spec(n_in, n_out)
+    check_kept(spec, members, "members")     # before K configs are made: K may be huge
+    for recipe in recipes[:members]:         # each kind of member, once
+        kind = override(cfg, **recipe)
+        if kind.spec(n_in, n_out) != spec:
+            changed = ", ".join(f"{k} {getattr(kind, k)!r} instead of {getattr(cfg, k)!r}"
+                                for k in SHAPE_SETTINGS if getattr(kind, k) != getattr(cfg, k))
+            raise ConfigError(f"a member recipe changes the network ({changed}): the members "
+                              "of one ensemble share one network")
+        check_engine(kind, spec)
+        if kind.early_stopping and not kind.validation_split:
+            raise ConfigError("early stopping watches the validation loss, but there is no "
+                              "validation set: set a validation split > 0 (--validation-split)")
+    return [override(cfg, **recipes[k % len(recipes)], seed=cfg.seed + k)
+            for k in range(members)]
 
 
-def train_members(cfg, data, members, *, recipes=None, validation=None, log=print, **options):
+def train_members(cfg, data, members, *, recipes=None, validation=None, log=print,
+                  on_member=lambda result: None, **options):
     """Train `members` networks of cfg (seeds cfg.seed, cfg.seed + 1, ...; recipes: see
     member_configs) on data; returns Members. validation: a Subset scored after every epoch of
     every member; without one, cfg.validation_split of data's training set is held out once,
-    from cfg.seed. The other options go to parnn.run.train.fit (progress, ...)."""
-    configs = member_configs(cfg, members, recipes)
-    for member in configs:          # a recipe may change the batch size: check each
-        memory_check(member, data)
+    from cfg.seed. on_member(result) hears of each member trained. The other options go to
+    parnn.run.train.fit (progress, ...)."""
+    configs = member_configs(cfg, members, recipes, data.X_train.shape[1],
+                             len(data.class_names))
+    for member in configs[:len(_recipes(recipes))]:     # each kind of member, once
+        memory_check(member, data)   # a recipe may change the batch size
     rows, validation = holdout(cfg, data, validation)   # once, from the run's seed
     test = None if data.X_test is None or not len(data.X_test) else \
         loop.Subset(data.X_test, data.y_test)
@@ -117,6 +142,7 @@ def train_members(cfg, data, members, *, recipes=None, validation=None, log=prin
             log(f"member {k + 1} of {members} (seed {member.seed}{_differs(cfg, member)})")
         result = loop.fit(member, data, rows=rows, validation=validation, log=log, **options)
         results.append(result)
+        on_member(result)
     nets = [r.net for r in results]
     val_acc = vote_accuracy(nets, validation) if validation is not None else None
     test_acc = vote_accuracy(nets, test) if test is not None else None
@@ -129,13 +155,44 @@ def _differs(cfg, member):
     return "".join(f", {k.replace('_', '-')} {b[k]}" for k in a if k != "seed" and a[k] != b[k])
 
 
+@contextlib.contextmanager
+def _stopped_by_signals(done, members):
+    """SIGINT or SIGTERM while members train: stop at once, with one line saying what is lost
+    (an ensemble is saved whole, at the end; --members keeps no checkpoints) and status 128 +
+    the signal. Without this, SIGTERM killed the process silently and left its locks."""
+    import signal
+    import threading
+
+    from parnn.run.checkpoint import SIGNALS, Interrupted
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+
+    def handler(signum, frame):
+        caught.append(signum)
+        raise KeyboardInterrupt
+
+    old = [(s, signal.signal(s, handler)) for s in SIGNALS]
+    try:
+        yield
+    except KeyboardInterrupt:
+        signum = caught[0] if caught else signal.SIGINT
+        raise Interrupted(f"stopped by {signal.Signals(signum).name} after {len(done)} of "
+                          f"{members} members had trained: --members saves the ensemble only "
+                          "when all have trained and keeps no checkpoints, so nothing was "
+                          "written", signum) from None
+    finally:
+        for s, h in old:
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
 def start(cfg, opts, members, recipes=None, log=print, warn=None):
     """`parnn train --members K`: a new run of K members (opts: a parnn.run.session.RunOptions
     without checkpoints), saved as one ensemble file that parnn evaluate, parnn.load and parnn
     export read, beside history.json (each member's config and history). Returns (Members,
     {name: path})."""
-    import contextlib
-
     from parnn import atomic, io
     from parnn.data import load_dataset
     from parnn.paths import check_output_dir
@@ -155,10 +212,11 @@ def start(cfg, opts, members, recipes=None, log=print, warn=None):
     session.check_plan(cfg, dataset, opts.limit_train, opts.limit_test)
     ds = load_dataset(dataset, opts.data, "uint8", opts.limit_train, opts.limit_test)
     ckdir = out / "checkpoints"
-    with session.hold(out, ckdir):
+    done = []                                   # the members trained so far, for the message
+    with session.hold(out, ckdir), _stopped_by_signals(done, members):
         session.clear(out, ckdir, opts.overwrite)
         ens = train_members(cfg, ds, members, recipes=recipes, progress=opts.progress, log=log,
-                            test_every_epoch=opts.test_every_epoch)
+                            test_every_epoch=opts.test_every_epoch, on_member=done.append)
         meta = outputs.model_metadata(ens.results[0], ds)
         meta.update(test_acc=ens.test_acc, val_acc=ens.val_acc, members=members,
                     seeds=[c.seed for c in configs],

@@ -107,6 +107,23 @@ def check(cfg, spec, n_train, n_test=0, processes=1, data_loaded=False):
         f"--limit-train")
 
 
+# What each trained network of an ensemble keeps beside its weights until the ensemble is saved
+# (its config, history and result), rounded up.
+KEPT_OVERHEAD = 64 * 2**10
+
+
+def check_kept(spec, count, what="members"):
+    """ConfigError if `count` trained networks of spec, all kept in memory until they are saved
+    together (an ensemble's members), would not fit beside this process: checked before any
+    is trained, and before anything per member is made (count may be absurd)."""
+    each = spec.n_params * np.dtype(spec.dtype).itemsize + KEPT_OVERHEAD
+    room = available()
+    if room is not None and count * each > room:
+        raise ConfigError(f"{count} {what} of {spec.n_params} parameters each need about "
+                          f"{_size(count * each)} of memory to keep until they are saved, but "
+                          f"{_size(room)} is available: train fewer {what} or smaller networks")
+
+
 def _size(n):
     for unit, scale in (("GB", 1e9), ("MB", 1e6)):
         if n >= scale:
