@@ -401,6 +401,27 @@ def test_show_config_prints_the_resolved_settings_and_trains_nothing(args, shown
     assert len(settings) == len(dataclasses.fields(TrainConfig)) and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("args, engine", [
+    ([], "auto (picks batch here)"),
+    (["--preset", "paper", "--threads", "1"], "auto (picks serial here)"),
+    (["--preset", "paper", "--threads", "1", "--augment", "shift1"], "auto (picks numpy here)"),
+    (["--preset", "paper", "--engine", "owner"], "owner"),
+])
+def test_show_config_names_the_engine_auto_picks(args, engine, capsys):
+    """Before: `engine auto`, while the run then trained on batch, serial or numpy."""
+    assert cli.main(["train", *args, "--show-config"]) in (0, None)
+    settings = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert settings["engine"] == engine
+
+
+def test_show_config_json_and_members(capsys):
+    assert cli.main(["train", "--members", "3", "--member-recipe", "shift1", "--show-config",
+                     "--json"]) in (0, None)
+    shown = json.loads(capsys.readouterr().out)
+    assert (shown["members"], shown["member-recipe"], shown["preset"]) == (3, "shift1", "accurate")
+    assert shown["hidden"] == [512, 256] and shown["engine"].startswith("auto (picks")
+
+
 def test_show_config_of_a_resumed_run_is_the_checkpoints(ws, capsys):
     assert cli.main(["train", "--resume", str(ws / "run"), "--epochs", "4", "--show-config"]) \
         in (0, None)

@@ -183,6 +183,13 @@ def test_parnn_train_members_saves_an_ensemble_that_evaluate_reads(tmp_path):
     assert json.loads(e.stdout)["accuracy"] == pytest.approx(out["test_acc"])
     again = run_cli("train", "--data", data, "--out", tmp_path / "ens", *CLI, "--members", "2")
     assert again.returncode != 0 and "already holds a trained model" in again.stderr
+    # `parnn info`: the vote's accuracies (not member 0's history), and how the members differ
+    info = json.loads(run_cli("info", tmp_path / "ens" / "model.safetensors", "--json").stdout)
+    assert info["accuracy"] == {"train_acc": None, "val_acc": out["val_acc"],
+                                "test_acc": out["test_acc"]}
+    assert info["member_settings"] == {"augment": ["none", "shift1", "none"], "seed": [1, 2, 3]}
+    text = run_cli("info", tmp_path / "ens" / "model.safetensors").stdout
+    assert "augment: none, shift1, none" in text and "(the soft vote)" in text
 
 
 def test_members_overwrite_replaces_a_single_run_and_leaves_nothing_of_it(tmp_path):

@@ -29,7 +29,9 @@ def model_info(path) -> dict:
         dataset ({name, sha256}: sha256 one hex digest or one per file, {"t10k-images": ...}),
         config (the training settings), engine, epochs (history rows), best_epoch,
         accuracy ({train_acc, val_acc, test_acc} at the end: the last history row's, test_acc
-        the test set's score at the end when the file has one), params_sha256 (per member).
+        the test set's score at the end when the file has one; an ensemble's: its vote's),
+        params_sha256 (per member), member_settings ({setting: each member's value} where
+        members differ, from the file's member_configs; None without).
 
     What the writer did not record (a file from parnn.MLPClassifier has no dataset) is None.
     info_text renders it."""
@@ -38,6 +40,9 @@ def model_info(path) -> dict:
     history = meta.get("history") if isinstance(meta.get("history"), list) else []
     last = history[-1] if history and isinstance(history[-1], dict) else {}
     accuracy = {k: _number(last.get(k)) for k in ("train_acc", "val_acc", "test_acc")}
+    if kind == "ensemble":   # the history is member 0's: the vote's own numbers, or none
+        accuracy = {"train_acc": None, "val_acc": _number(meta.get("val_acc")),
+                    "test_acc": None}
     if _number(meta.get("test_acc")) is not None:
         accuracy["test_acc"] = _number(meta["test_acc"])
     dataset = meta.get("dataset") if isinstance(meta.get("dataset"), dict) else {}
@@ -62,7 +67,19 @@ def model_info(path) -> dict:
         "best_epoch": _number(meta.get("best_epoch")),
         "accuracy": accuracy,
         "params_sha256": [params_sha256(n.params) for n in nets],
+        "member_settings": _member_settings(meta.get("member_configs"), len(nets)),
     }
+
+
+def _member_settings(configs, members):
+    """{setting: [each member's value]} for the settings in which an ensemble's members differ
+    (their seeds, a recipe's augmentation, ...), from the file's member_configs; None without."""
+    if not (isinstance(configs, list) and len(configs) == members > 1
+            and all(isinstance(c, dict) for c in configs)):
+        return None
+    keys = dict.fromkeys(k for c in configs for k in c)
+    return {k: [c.get(k) for c in configs] for k in keys
+            if any(c.get(k) != configs[0].get(k) for c in configs)}
 
 
 _KINDS = {"Dense": "dense", "Conv2D": "conv", "MaxPool2D": "pool", "Flatten": "flatten"}
@@ -172,6 +189,10 @@ def info_text(info) -> str:
                             for k, v in sorted(config.items(), key=lambda kv: kv[0] != "preset"))
         for i, text in enumerate(textwrap.wrap(settings, 88, break_long_words=False)):
             row("training" if i == 0 else "", text)
+        if info.get("member_settings"):   # the settings above are member 0's
+            for i, (k, values) in enumerate(info["member_settings"].items()):
+                row("members" if i == 0 else "",
+                    f"{shown(k)}: {', '.join(_setting(v) for v in values)}")
     if info["engine"] is not None:
         row("engine", shown(info["engine"]))
     if info["epochs"]:
@@ -181,7 +202,8 @@ def info_text(info) -> str:
     acc = {"train": accuracy.get("train_acc"), "validation": accuracy.get("val_acc"),
            "test": accuracy.get("test_acc")}
     if any(v is not None for v in acc.values()):
-        row("accuracy", ", ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None))
+        row("accuracy", ", ".join(f"{k} {v:.4f}" for k, v in acc.items() if v is not None)
+            + (" (the soft vote)" if info["kind"] == "ensemble" else ""))
     for k, digest in enumerate(info["params_sha256"]):
         row("checksum" if k == 0 else "",
             f"sha256 {digest}" + (f" (member {k})" if members > 1 else ""))

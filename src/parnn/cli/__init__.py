@@ -197,7 +197,7 @@ def cmd_train(args):
     else:
         cfg = config.make_config(settings.pop("preset") or config.DEFAULT_PRESET, **settings)
         if args.show_config:
-            return _show_config(cfg)
+            return _show_config(cfg, args)
         if args.distributed:  # every MPI rank runs this; mpi4py is imported only there
             # The distributed runs train on the whole training set: say so in their files.
             return _train_distributed(args, replace(cfg, validation_split=0.0))
@@ -236,13 +236,40 @@ def _train_members(args, cfg, opts, log):
           f"ensemble saved to {paths['model']}")
 
 
-def _show_config(cfg):
-    """Each setting and its value, as the flags take them; --hidden only where it is used (a
-    layer list spells its own sizes)."""
+def _show_config(cfg, args=None):
+    """Each setting and its value, as the flags take them (--json: one JSON object); --hidden
+    only where it is used (a layer list spells its own sizes); for engine auto, the engine it
+    picks for the run; with --members, K and the recipe."""
     shown = {k: v for k, v in cfg.to_dict().items() if not (k == "hidden" and cfg.layers)}
+    if cfg.engine == "auto":
+        shown["engine"] = f"auto ({_auto_engine(cfg, args)})"
+    if args is not None and args.members is not None:
+        shown["members"], shown["member_recipe"] = args.members, args.member_recipe or "seeds"
+    if args is not None and args.json:
+        import json
+
+        print(json.dumps({k.replace("_", "-"): v for k, v in shown.items()}))
+        return
     width = max(len(k) for k in shown)
     for k, v in shown.items():
         print(f"{k.replace('_', '-'):<{width}}  {show_value(tuple(v) if isinstance(v, list) else v)}")
+
+
+def _auto_engine(cfg, args):
+    """What `--engine auto` picks for this run: its choice depends on the batch size, the
+    optimizer, the layers and the threads (parnn.run.config.pick_engine), not on the data."""
+    from parnn.data import DATASETS
+    from parnn.run import config
+
+    known = DATASETS.get((args.dataset if args is not None else None) or "fashion-mnist")
+    n = known.files["train-labels"].size - 8 if known is not None else 60000
+    if args is not None and args.limit_train:
+        n = min(n, args.limit_train)
+    n_train = max(1, int(n * (1 - cfg.validation_split)))
+    try:
+        return f"picks {config.pick_engine(cfg, cfg.spec(), n_train).name} here"
+    except ConfigError as e:
+        return f"refused: {e}"
 
 
 def _train_distributed(args, cfg, settings=None):
