@@ -74,6 +74,8 @@ RECIPES = {
     "oc3": dict(warmup_epochs=9, lr=3e-3),
     # wide members: 1024-512 with the affine transforms, 60 epochs
     "w1kaff60": dict(hidden=(1024, 512), augment="affine", epochs=60),
+    "w2kaff60": dict(hidden=(2048, 1024), augment="affine", epochs=60),
+    "w1kaff120": dict(hidden=(1024, 512), augment="affine", epochs=120),
 }
 TIMED = {"base (512-256, batch 128)": {}, "deep (512-256-128)": RECIPES["deep"],
          "batch 64": RECIPES["b64"], "batch 256": RECIPES["b256"],
@@ -102,7 +104,7 @@ def affine_ranges(recipe):
 
     candidate = RECIPES[recipe].get("_affine")
     if candidate is None:
-        return contextlib.nullcontext()
+        return contextlib.nullcontext(settings.AFFINE)
     return mock.patch.object(settings, "AFFINE", MappingProxyType(candidate))
 
 
@@ -173,6 +175,8 @@ def stored(out, job, split):
 
 
 def vote(out, groups, singles=False):
+    from parnn.core.model import soft_vote
+
     yv, yt = np.load(f"{out}/y_val.npy"), np.load(f"{out}/y_test.npy")
     recs = {os.path.basename(p)[:-5]: json.load(open(p)) for p in glob.glob(f"{out}/*_s*.json")}
 
@@ -197,8 +201,8 @@ def vote(out, groups, singles=False):
     for group in groups:
         name, body = group.split("=", 1)
         jobs = expand(body)
-        pv = np.mean([stored(out, j, "val") for j in jobs], axis=0)
-        pt = np.mean([stored(out, j, "test") for j in jobs], axis=0)
+        pv = soft_vote(stored(out, j, "val") for j in jobs)     # as parnn votes
+        pt = soft_vote(stored(out, j, "test") for j in jobs)
         print(f"{name:20s} {len(jobs):2d} members: vote val {np.mean(pv.argmax(1) == yv):.4f} "
               f"test {np.mean(pt.argmax(1) == yt):.4f}")
 
