@@ -1,6 +1,7 @@
 """parnn from Python: parnn.train on arrays, parnn.load, and the Model's predict / predict_proba
 / score / save; every bad input refused with a ValueError that names what was expected."""
 
+import os
 import subprocess
 import sys
 
@@ -324,6 +325,8 @@ def test_bad_paths_labels_and_empty_images_get_parnns_one_line_errors(tmp_path, 
             model.save(bad)
         assert "\n" not in str(e.value)
     assert read_only.read_bytes() == b"keep"
+    model.save(os.fsencode(tmp_path / "bytes.safetensors"))       # bytes name files, as before
+    assert parnn.load(os.fsencode(tmp_path / "bytes.safetensors")).spec == model.spec
     for y in (None, 3, [[1, 2]]):
         with pytest.raises(ValueError, match="y must be a 1-d array of labels"):
             model.score(blobs.X_test, y)

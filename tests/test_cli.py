@@ -398,20 +398,34 @@ def test_show_config_prints_the_resolved_settings_and_trains_nothing(args, shown
     out = capsys.readouterr().out
     settings = dict(line.split(None, 1) for line in out.splitlines())
     assert {k: settings[k] for k in shown} == shown
-    assert len(settings) == len(dataclasses.fields(TrainConfig)) and not list(tmp_path.iterdir())
+    picked = "engine-picked" in settings                  # beside engine auto
+    assert len(settings) == len(dataclasses.fields(TrainConfig)) + picked
+    assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("args, engine", [
-    ([], "auto (picks batch here)"),
-    (["--preset", "paper", "--threads", "1"], "auto (picks serial here)"),
-    (["--preset", "paper", "--threads", "1", "--augment", "shift1"], "auto (picks numpy here)"),
-    (["--preset", "paper", "--engine", "owner"], "owner"),
+@pytest.mark.parametrize("args, picked", [
+    ([], "batch"),
+    (["--preset", "paper", "--threads", "1"], "serial"),
+    (["--preset", "paper", "--threads", "1", "--augment", "shift1"], "numpy"),
+    (["--preset", "paper", "--engine", "owner"], None),
+    (["--distributed", "allreduce"], None),         # its mode brings its own engine
 ])
-def test_show_config_names_the_engine_auto_picks(args, engine, capsys):
-    """Before: `engine auto`, while the run then trained on batch, serial or numpy."""
+def test_show_config_names_the_engine_auto_picks(args, picked, capsys):
+    """Before: only `engine auto`, while the run then trained on batch, serial or numpy."""
     assert cli.main(["train", *args, "--show-config"]) in (0, None)
     settings = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
-    assert settings["engine"] == engine
+    assert settings.get("engine-picked") == picked
+    assert settings["engine"] == ("owner" if "owner" in args else "auto")
+
+
+def test_show_config_picks_for_the_threads_a_run_gets(monkeypatch, capsys):
+    """--threads beyond the cores is capped before auto picks (owner needs exactly 2)."""
+    from parnn.run import config
+
+    monkeypatch.setattr(config, "usable_cores", lambda: 2)
+    assert cli.main(["train", "--preset", "paper", "--threads", "4", "--show-config"]) in (0, None)
+    settings = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+    assert settings["engine-picked"] == "owner"
 
 
 def test_show_config_json_and_members(capsys):
@@ -419,7 +433,8 @@ def test_show_config_json_and_members(capsys):
                      "--json"]) in (0, None)
     shown = json.loads(capsys.readouterr().out)
     assert (shown["members"], shown["member-recipe"], shown["preset"]) == (3, "shift1", "accurate")
-    assert shown["hidden"] == [512, 256] and shown["engine"].startswith("auto (picks")
+    assert shown["hidden"] == [512, 256] and shown["engine"] == "auto"
+    assert shown["engine-picked"] in ("batch", "numpy")
 
 
 def test_show_config_of_a_resumed_run_is_the_checkpoints(ws, capsys):
@@ -427,6 +442,8 @@ def test_show_config_of_a_resumed_run_is_the_checkpoints(ws, capsys):
         in (0, None)
     settings = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert (settings["hidden"], settings["epochs"], settings["batch-size"]) == ("16", "4", "32")
+    assert cli.main(["train", "--resume", str(ws / "run"), "--show-config", "--json"]) in (0, None)
+    assert json.loads(capsys.readouterr().out)["hidden"] == [16]
 
 
 EARLY = ["--hidden", "16", "--lr", "0.01", "--lr-schedule", "constant", "--batch-size", "8",

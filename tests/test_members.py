@@ -133,8 +133,15 @@ def test_every_member_is_checked_before_the_first_trains(blobs):
             parnn.train(blobs.X_train, blobs.y_train, config=cfg, members=2,
                         member_recipes=recipes, log=seen.append)
     assert seen == []                      # not a line of training
-    with pytest.raises(ConfigError, match="members of .* parameters each need about"):
-        members.member_configs(config.make_config("modern"), 10**20)
+    for huge, need in ((10**20, "more than a petabyte"), (10**400, "more than a petabyte"),
+                       (10**6, "about 1006.1 GB")):
+        with pytest.raises(ConfigError, match=f"members of 235146 parameters each need {need}"):
+            members.member_configs(config.make_config("modern"), huge)
+    # a validation set of one's own serves early stopping (validation_split 0 then)
+    Xv, yv = blobs.X_test[:50], blobs.y_test[:50]
+    model, histories = parnn.train(blobs.X_train, blobs.y_train, X_val=Xv, y_val=yv,
+                                   validation_split=0.0, early_stopping=2, members=2, **FAST)
+    assert len(model.nets) == 2 and all("val_loss" in h[-1] for h in histories)
 
 
 def test_one_member_with_a_recipe_returns_one_history(blobs):
@@ -231,9 +238,29 @@ def test_a_signal_while_members_train_is_one_line_and_its_status(signum):
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Interrupted, match=f"stopped by {signum.name} after 1 of 3 members .*"
-                       "nothing was written") as caught:
+                       "no ensemble was saved") as caught:
         with members._stopped_by_signals(["member 1"], 3):
             os.kill(os.getpid(), signum)
             time.sleep(5)                       # the handler interrupts this
     assert caught.value.exit_status == 128 + signum
     assert signal.getsignal(signal.SIGTERM) == before      # handlers given back
+
+
+def test_sigterm_while_members_train_ends_the_command_in_one_line_and_frees_its_locks(tmp_path):
+    data = write_dataset(tmp_path / "data", n_train=300, n_test=60)
+    out = tmp_path / "ens"
+    p = synthetic_data.popen("train", "--data", data, "--out", out, *CLI[:2], "--epochs", "100000",
+                             *CLI[4:], "--members", "3",
+                             env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        assert "member 1 of 3" in p.stdout.readline()     # training has begun
+        time.sleep(0.5)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGTERM
+    assert len(err.strip().splitlines()) == 1 and "after 0 of 3 members" in err, err
+    assert not (out / "model.safetensors").exists()
+    locks = list(out.rglob(".parnn.lock")) if out.exists() else []
+    assert locks == []                                    # released, not left behind

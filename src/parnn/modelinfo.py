@@ -40,7 +40,9 @@ def model_info(path) -> dict:
     history = meta.get("history") if isinstance(meta.get("history"), list) else []
     last = history[-1] if history and isinstance(history[-1], dict) else {}
     accuracy = {k: _number(last.get(k)) for k in ("train_acc", "val_acc", "test_acc")}
-    if kind == "ensemble":   # the history is member 0's: the vote's own numbers, or none
+    if kind == "ensemble" and "member_configs" in meta:
+        # --members: the history is member 0's; the vote's own numbers, or none. (An MPI
+        # ensemble's history rows are the ensemble's already: the members' mean, the vote.)
         accuracy = {"train_acc": None, "val_acc": _number(meta.get("val_acc")),
                     "test_acc": None}
     if _number(meta.get("test_acc")) is not None:

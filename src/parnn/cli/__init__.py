@@ -188,11 +188,12 @@ def cmd_train(args):
             from parnn.distributed.checkpoints import shown_config
 
             return _show_config(shown_config(_distributed_options(args), settings,
-                                            functools.partial(print, file=sys.stderr)))
+                                            functools.partial(print, file=sys.stderr)), args)
         return _train_distributed(args, None, settings)   # the checkpoint's settings
     if args.resume is not None:
         if args.show_config:
-            return _show_config(session.resumed(args.resume, opts, settings, warn=_warn)[2])
+            return _show_config(session.resumed(args.resume, opts, settings, warn=_warn)[2],
+                                args)
         result, paths = session.resume(args.resume, opts, settings, warn=_warn, log=log)
     else:
         cfg = config.make_config(settings.pop("preset") or config.DEFAULT_PRESET, **settings)
@@ -236,16 +237,17 @@ def _train_members(args, cfg, opts, log):
           f"ensemble saved to {paths['model']}")
 
 
-def _show_config(cfg, args=None):
+def _show_config(cfg, args):
     """Each setting and its value, as the flags take them (--json: one JSON object); --hidden
-    only where it is used (a layer list spells its own sizes); for engine auto, the engine it
-    picks for the run; with --members, K and the recipe."""
+    only where it is used (a layer list spells its own sizes); beside engine auto, the engine
+    it picks for this run (not for --distributed, whose modes bring their own); with --members,
+    K and the recipe."""
     shown = {k: v for k, v in cfg.to_dict().items() if not (k == "hidden" and cfg.layers)}
-    if cfg.engine == "auto":
-        shown["engine"] = f"auto ({_auto_engine(cfg, args)})"
-    if args is not None and args.members is not None:
+    if cfg.engine == "auto" and not args.distributed:
+        shown["engine_picked"] = _auto_engine(cfg, args)
+    if args.members is not None:
         shown["members"], shown["member_recipe"] = args.members, args.member_recipe or "seeds"
-    if args is not None and args.json:
+    if args.json:
         import json
 
         print(json.dumps({k.replace("_", "-"): v for k, v in shown.items()}))
@@ -256,20 +258,20 @@ def _show_config(cfg, args=None):
 
 
 def _auto_engine(cfg, args):
-    """What `--engine auto` picks for this run: its choice depends on the batch size, the
-    optimizer, the layers and the threads (parnn.run.config.pick_engine), not on the data."""
+    """The engine `--engine auto` picks for this run (parnn.run.config.pick_engine: it goes by
+    the batch size, the optimizer, the layers and the threads as capped to the cores, not by
+    the data), or why none would."""
     from parnn.data import DATASETS
     from parnn.run import config
 
-    known = DATASETS.get((args.dataset if args is not None else None) or "fashion-mnist")
+    cfg = config.capped_threads(cfg)
+    known = DATASETS.get(args.dataset or "fashion-mnist")
     n = known.files["train-labels"].size - 8 if known is not None else 60000
-    if args is not None and args.limit_train:
-        n = min(n, args.limit_train)
-    n_train = max(1, int(n * (1 - cfg.validation_split)))
+    n_train = max(1, int(min(n, args.limit_train or n) * (1 - cfg.validation_split)))
     try:
-        return f"picks {config.pick_engine(cfg, cfg.spec(), n_train).name} here"
+        return config.pick_engine(cfg, cfg.spec(), n_train).name
     except ConfigError as e:
-        return f"refused: {e}"
+        return f"none: {e}"
 
 
 def _train_distributed(args, cfg, settings=None):

@@ -24,7 +24,7 @@ def outputs(model, X, path):
     """The model's output layer on X (an ensemble's: the soft vote, parnn.core.model.soft_vote),
     or ModelFileError if any of it is NaN or infinity: weights that overflow give no class."""
     with np.errstate(all="ignore"):
-        out = soft_vote([net.output(X) for net in model.nets])
+        out = soft_vote(net.output(X) for net in model.nets)
     if not np.isfinite(out).all():
         raise ModelFileError(f"{shown(path)}: the network's outputs are NaN or infinity (its "
                              "weights overflow): this model cannot classify anything")

@@ -153,17 +153,21 @@ def views(spec, flat):
 
 
 def soft_vote(outputs):
-    """An ensemble's output: the mean of its members' output layers (each (n, classes)), summed
-    in float64 in member order and returned in the members' dtype. Every path that votes (a
-    loaded ensemble, `parnn evaluate`, an MPI ensemble, members trained in one process) calls
-    this, so they agree to the bit; one member's output comes back unchanged."""
-    outputs = list(outputs)
-    if not outputs:
+    """An ensemble's output: the mean of its members' output layers (each (n, classes), any
+    iterable of them, used one at a time), summed in float64 in member order and returned in
+    the members' dtype. Every path that votes (a loaded ensemble, `parnn evaluate`, an MPI
+    ensemble, members trained in one process) calls this, so they agree to the bit; one
+    member's output comes back unchanged."""
+    total, count, dtype = None, 0, None
+    for out in outputs:
+        if total is None:
+            total, dtype = out.astype(np.float64), out.dtype
+        else:
+            total += out
+        count += 1
+    if total is None:
         raise ConfigError("a vote needs at least one member's outputs")
-    total = outputs[0].astype(np.float64)
-    for out in outputs[1:]:
-        total += out
-    return (total / len(outputs)).astype(outputs[0].dtype, copy=False)
+    return (total / count).astype(dtype, copy=False)
 
 
 def init_params(spec, scheme="xavier", seed=0):

@@ -195,7 +195,7 @@ class Model:
         is the network's prediction, but they are not calibrated. An ensemble soft-votes:
         the members' outputs are averaged first (as `parnn evaluate` does), then mapped."""
         X = check_inputs(X, self.n_features_in, self.dtype, self.inputs, keep_uint8=True)
-        out = soft_vote([_output(net, X) for net in self.nets])
+        out = soft_vote(_output(net, X) for net in self.nets)
         return probabilities(out, self.spec.output)
 
     def predict(self, X):
@@ -277,16 +277,16 @@ def _class_names(names, classes):
 
 
 def _model_path(path):
-    """path, if it can name a file; ConfigError (one line) for None, a number, ""."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise ConfigError(f"a model file's path must be a str or a path, got "
+    """path, if it can name a file; ConfigError (one line) for None, a number, "", a NUL."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise ConfigError(f"a model file's path must be a str, bytes or a path, got "
                           f"{type(path).__name__}")
     name = os.fsdecode(path)
     if not name:
         raise ConfigError("a model file's path is empty")
     if "\0" in name:
         raise ConfigError(f"a model file's path cannot hold a NUL byte: {shown(name)}")
-    return path
+    return name if isinstance(path, bytes) else path
 
 
 def _described(a):

@@ -61,7 +61,7 @@ def soft_vote(nets, X):
     """The members' soft vote (parnn.core.model.soft_vote) for rows X (floats, or uint8
     pixels: x / 255 in the members' dtype), (n, classes)."""
     Xf = scaled(X, nets[0].dtype)
-    return vote([net.forward(Xf)[-1] for net in nets])
+    return vote(net.forward(Xf)[-1] for net in nets)
 
 
 def vote_accuracy(nets, subset, batch=SCORE_ROWS):
@@ -90,12 +90,13 @@ def _recipes(recipes):
     return list(recipes)
 
 
-def member_configs(cfg, members, recipes=None, n_in=784, n_out=10):
+def member_configs(cfg, members, recipes=None, n_in=784, n_out=10, validation_given=False):
     """The config of each member: cfg with seed + k and, given recipes (settings dicts, or a
     name in MEMBER_RECIPES), the settings of recipes[k % len(recipes)]. Everything a member
     could be refused for is checked here, before any member trains: a recipe that changes the
     network (one ensemble file holds one spec), an engine that cannot take a recipe's settings,
-    early stopping without a validation split, K members' weights beyond the memory."""
+    early stopping without a validation split (or a validation set given: validation_given),
+    K members' weights beyond the memory."""
     from parnn.run.config import check_engine
     from parnn.run.memory import check_kept
 
@@ -115,7 +116,7 @@ def member_configs(cfg, members, recipes=None, n_in=784, n_out=10):
             raise ConfigError(f"a member recipe changes the network ({changed}): the members "
                               "of one ensemble share one network")
         check_engine(kind, spec)
-        if kind.early_stopping and not kind.validation_split:
+        if kind.early_stopping and not kind.validation_split and not validation_given:
             raise ConfigError("early stopping watches the validation loss, but there is no "
                               "validation set: set a validation split > 0 (--validation-split)")
     return [override(cfg, **recipes[k % len(recipes)], seed=cfg.seed + k)
@@ -130,7 +131,7 @@ def train_members(cfg, data, members, *, recipes=None, validation=None, log=prin
     from cfg.seed. on_member(result) hears of each member trained. The other options go to
     parnn.run.train.fit (progress, ...)."""
     configs = member_configs(cfg, members, recipes, data.X_train.shape[1],
-                             len(data.class_names))
+                             len(data.class_names), validation_given=validation is not None)
     for member in configs[:len(_recipes(recipes))]:     # each kind of member, once
         memory_check(member, data)   # a recipe may change the batch size
     rows, validation = holdout(cfg, data, validation)   # once, from the run's seed
@@ -181,8 +182,8 @@ def _stopped_by_signals(done, members):
         signum = caught[0] if caught else signal.SIGINT
         raise Interrupted(f"stopped by {signal.Signals(signum).name} after {len(done)} of "
                           f"{members} members had trained: --members saves the ensemble only "
-                          "when all have trained and keeps no checkpoints, so nothing was "
-                          "written", signum) from None
+                          "when all have trained and keeps no checkpoints, so no ensemble was "
+                          "saved", signum) from None
     finally:
         for s, h in old:
             signal.signal(s, h if h is not None else signal.SIG_DFL)
@@ -213,10 +214,12 @@ def start(cfg, opts, members, recipes=None, log=print, warn=None):
     ds = load_dataset(dataset, opts.data, "uint8", opts.limit_train, opts.limit_test)
     ckdir = out / "checkpoints"
     done = []                                   # the members trained so far, for the message
-    with session.hold(out, ckdir), _stopped_by_signals(done, members):
+    with session.hold(out, ckdir):
         session.clear(out, ckdir, opts.overwrite)
-        ens = train_members(cfg, ds, members, recipes=recipes, progress=opts.progress, log=log,
-                            test_every_epoch=opts.test_every_epoch, on_member=done.append)
+        with _stopped_by_signals(done, members):    # training only: not the save below
+            ens = train_members(cfg, ds, members, recipes=recipes, progress=opts.progress,
+                                log=log, test_every_epoch=opts.test_every_epoch,
+                                on_member=done.append)
         meta = outputs.model_metadata(ens.results[0], ds)
         meta.update(test_acc=ens.test_acc, val_acc=ens.val_acc, members=members,
                     seeds=[c.seed for c in configs],

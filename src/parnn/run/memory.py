@@ -118,10 +118,13 @@ def check_kept(spec, count, what="members"):
     is trained, and before anything per member is made (count may be absurd)."""
     each = spec.n_params * np.dtype(spec.dtype).itemsize + KEPT_OVERHEAD
     room = available()
-    if room is not None and count * each > room:
-        raise ConfigError(f"{count} {what} of {spec.n_params} parameters each need about "
-                          f"{_size(count * each)} of memory to keep until they are saved, but "
-                          f"{_size(room)} is available: train fewer {what} or smaller networks")
+    if room is not None and count > room // each:     # integers: count may be 10**400
+        need = count * each
+        need = f"about {_size(need)}" if need < 10**15 else "more than a petabyte"
+        many = str(count) if count < 10**12 else f"about 10^{len(str(count)) - 1}"
+        raise ConfigError(f"{many} {what} of {spec.n_params} parameters each need {need} "
+                          f"of memory to keep until they are saved, but {_size(room)} is "
+                          f"available: train fewer {what} or smaller networks")
 
 
 def _size(n):
