@@ -116,9 +116,7 @@ def member_configs(cfg, members, recipes=None, n_in=784, n_out=10, validation_gi
             raise ConfigError(f"a member recipe changes the network ({changed}): the members "
                               "of one ensemble share one network")
         check_engine(kind, spec)
-        if kind.early_stopping and not kind.validation_split and not validation_given:
-            raise ConfigError("early stopping watches the validation loss, but there is no "
-                              "validation set: set a validation split > 0 (--validation-split)")
+        loop.check_early_stopping(kind, bool(kind.validation_split) or validation_given)
     return [override(cfg, **recipes[k % len(recipes)], seed=cfg.seed + k)
             for k in range(members)]
 

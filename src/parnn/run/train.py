@@ -118,6 +118,13 @@ def chunk_size(engine, batch_size, n, max_chunk=None):
 
 # --- the loop --------------------------------------------------------------------------------
 
+def check_early_stopping(cfg, has_validation):
+    """Early stopping watches the validation loss: ConfigError without a validation set."""
+    if cfg.early_stopping and not has_validation:
+        raise ConfigError("early stopping watches the validation loss, but there is no "
+                          "validation set: set a validation split > 0 (--validation-split)")
+
+
 def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, resume=None,
         engine=None, *, rows=None, validation=None, test_every_epoch=False, on_epoch=None):
     """Train a network on data (a parnn.data.Dataset, or anything with its X_train, y_train,
@@ -143,9 +150,7 @@ def fit(cfg, data, progress=True, log=print, on_chunk=None, checkpoints=None, re
 
     n_train = len(data.X_train) if rows is None else len(rows)
     bs = batch_size_for(cfg, n_train)
-    if cfg.early_stopping and validation is None:
-        raise ConfigError("early stopping watches the validation loss, but there is no "
-                          "validation set: set a validation split > 0 (--validation-split)")
+    check_early_stopping(cfg, validation is not None)
     spec = cfg.spec(data.X_train.shape[1], len(data.class_names))
     engine = pick_engine(cfg, spec, n_train) if engine is None else engine
     for name, wanted in (("augment", cfg.augment != "none"), ("dropout", cfg.dropout)):
