@@ -55,6 +55,21 @@ VERSION = 1
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+@contextlib.contextmanager
+def handling_signals(handler):
+    """SIGINT and SIGTERM go to handler(signum, frame) inside, the old handlers come back
+    after. Python handles signals in the main thread only: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = [(s, signal.signal(s, handler)) for s in SIGNALS]
+    try:
+        yield
+    finally:
+        for s, h in old:
+            signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
 class Interrupted(ParnnError):
     """SIGINT or SIGTERM stopped training after a checkpoint; exit status 128 + signal number."""
 
@@ -158,21 +173,14 @@ class Checkpointer:
         # A run killed while writing leaves its temp file (parnn.atomic.atomic_open's name) behind.
         for stale in self.dir.glob(f".{NEWEST}.*.tmp"):
             stale.unlink(missing_ok=True)
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
 
         def handler(signum, frame):
             if self.signum is not None:
                 raise KeyboardInterrupt
             self.signum = signum
 
-        old = [(s, signal.signal(s, handler)) for s in SIGNALS]
-        try:
+        with handling_signals(handler):
             yield
-        finally:
-            for s, h in old:
-                signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def _usable(path):

@@ -160,31 +160,24 @@ def _stopped_by_signals(done, members):
     (an ensemble is saved whole, at the end; --members keeps no checkpoints) and status 128 +
     the signal. Without this, SIGTERM killed the process silently and left its locks."""
     import signal
-    import threading
 
-    from parnn.run.checkpoint import SIGNALS, Interrupted
+    from parnn.run.checkpoint import Interrupted, handling_signals
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     caught = []
 
     def handler(signum, frame):
         caught.append(signum)
         raise KeyboardInterrupt
 
-    old = [(s, signal.signal(s, handler)) for s in SIGNALS]
     try:
-        yield
+        with handling_signals(handler):
+            yield
     except KeyboardInterrupt:
         signum = caught[0] if caught else signal.SIGINT
         raise Interrupted(f"stopped by {signal.Signals(signum).name} after {len(done)} of "
                           f"{members} members had trained: --members saves the ensemble only "
                           "when all have trained and keeps no checkpoints, so no ensemble was "
                           "saved", signum) from None
-    finally:
-        for s, h in old:
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
 
 
 def start(cfg, opts, members, recipes=None, log=print, warn=None):
