@@ -119,7 +119,11 @@ BAD = [
     (T + ["--early-stopping", "0"], "early-stopping patience must be an integer >= 1"),
     (T + ["--validation-split", "0", "--early-stopping", "2"], "there is no validation set"),
     (["train", "--data", "{w}/data", "--out", "{w}/run", "--distributed", "ensemble",
-      "--early-stopping", "2"], "do not work with --distributed yet"),
+      "--early-stopping", "2"], "--early-stopping and --test-every-epoch do not work with "
+     "--distributed"),
+    (["train", "--data", "{w}/data", "--out", "{w}/run", "--distributed", "allreduce",
+      "--validation-split", "0.2"], "--validation-split does not work with --distributed "
+     "allreduce: it trains one network on the whole training set"),
     (T + ["--batch-size", "lots"], "an integer or 'full'"),
     (T + ["--engine", "gpu"], "choose one of numpy"),
     # refused before the data loads (the data directory does not exist)

@@ -19,8 +19,7 @@ import pytest
 
 from parnn import cli, io
 from parnn.data import load_dataset
-from parnn.distributed import (SEED_STRIDE, DistributedOptions, combine_outputs, member_seed,
-                               shard_indices)
+from parnn.distributed import DistributedOptions, combine_outputs, shard_indices
 from parnn.errors import ConfigError
 from parnn.run import train
 from parnn.run.config import make_config
@@ -92,7 +91,6 @@ def test_disjoint_shards_partition_the_training_set_and_bootstrap_draws_n_over_k
     assert all(len(b) == 250 and b.max() < 1003 for b in boot)
     assert len(np.unique(boot[0])) < 250                        # with replacement
     assert not np.array_equal(boot[0], boot[1])                 # one stream per rank
-    assert member_seed(7, 0) == 7 and member_seed(7, 3) == 7 + 3 * SEED_STRIDE
     every = [shard_indices(1003, r, 4, "all", seed=5) for r in range(4)]
     assert all(np.array_equal(e, np.arange(1003)) for e in every)   # members differ by seed
 
@@ -199,7 +197,7 @@ def test_ensemble_reports_members_and_votes_and_evaluate_reads_the_file(tmp_path
     p = parnn_mpi(2, "--distributed", "ensemble", *SMALL, "--epochs", "1", "--out", out)
     assert p.returncode == 0, p.stderr
     rows = re.findall(r"^\s+(\d)\s+(\d+)\s+(\d+)\s+([\d.]+)$", p.stdout, re.M)
-    assert [(r[0], r[1], r[2]) for r in rows] == [("0", "1", "1000"), ("1", "1001", "1000")]
+    assert [(r[0], r[1], r[2]) for r in rows] == [("0", "1", "900"), ("1", "2", "900")]
     soft = float(re.search(r"soft vote ([\d.]+), hard vote ([\d.]+)", p.stdout).group(1))
 
     nets, meta = io.load_any(out / "model.safetensors")
@@ -208,9 +206,9 @@ def test_ensemble_reports_members_and_votes_and_evaluate_reads_the_file(tmp_path
     assert [round(m["test_acc"], 4) for m in meta["members"]] == [float(r[3]) for r in rows]
     assert meta["distributed"]["soft_acc"] == pytest.approx(soft, abs=1e-4)
     hist = json.loads((out / "history.json").read_text())
-    assert [m["seed"] for m in hist["members"]] == [1, 1001]
+    assert [m["seed"] for m in hist["members"]] == [1, 2]
     assert hist["test_acc"] == pytest.approx(soft, abs=1e-4)
-    assert (out / "history.csv").read_text().startswith("epoch,loss,train_acc,test_acc")
+    assert (out / "history.csv").read_text().startswith("epoch,loss,train_acc,val_acc,test_acc")
     assert not list(out.glob(".*.tmp")) and not list(out.glob(".parnn.lock"))
 
     # `parnn evaluate` needs no MPI: it loads every member and takes the soft vote
@@ -230,10 +228,61 @@ def test_an_ensemble_on_all_the_data_trains_every_member_on_every_sample(tmp_pat
                   "--out", out)
     assert p.returncode == 0, p.stderr
     nets, meta = io.load_any(out / "model.safetensors")
-    assert [m["n_train"] for m in meta["members"]] == [2000, 2000]
-    assert [m["seed"] for m in meta["members"]] == [1, 1001]
+    assert [m["n_train"] for m in meta["members"]] == [1800, 1800]   # modern holds out 10 %
+    assert [m["seed"] for m in meta["members"]] == [1, 2]
     assert not np.array_equal(nets[0].params, nets[1].params)
     assert meta["distributed"]["shards"] == "all"
+
+
+@pytest.mark.mpi
+@needs_mpi
+@needs_data
+def test_an_ensemble_on_all_the_data_trains_the_members_of_parnn_train_members(tmp_path):
+    """mpiexec -n K ... --shards all trains, side by side, exactly the members `parnn train
+    --members K` trains one after another: member r with seed + r (its own augmentation
+    draws), every member on the rows left after one validation split drawn from the run's seed,
+    the vote validated on those held-out rows. Bit for bit, though each rank has 1 thread and
+    the single process 2."""
+    extra = ["--validation-split", "0.1", "--augment", "affine", "--epochs", "2"]
+    p = parnn_mpi(2, "--distributed", "ensemble", "--shards", "all", *SMALL, *extra,
+                  "--out", tmp_path / "mpi")
+    assert p.returncode == 0, p.stderr
+    assert "validation: soft vote" in p.stdout
+    q = run([BIN / "parnn", "train", "--members", "2", "--threads", "2", *SMALL, *extra,
+             "--out", tmp_path / "one"])
+    assert q.returncode == 0, q.stderr
+    mpi_nets, mpi_meta = io.load_any(tmp_path / "mpi" / "model.safetensors")
+    nets, meta = io.load_any(tmp_path / "one" / "model.safetensors")
+    assert [m["seed"] for m in mpi_meta["members"]] == meta["seeds"] == [1, 2]
+    assert [m["n_train"] for m in mpi_meta["members"]] == [1800, 1800]     # 200 held out
+    for a, b in zip(mpi_nets, nets, strict=True):
+        assert np.array_equal(a.params, b.params)
+    assert mpi_meta["val_acc"] == meta["val_acc"] and mpi_meta["test_acc"] == meta["test_acc"]
+    rows = json.loads((tmp_path / "mpi" / "history.json").read_text())["history"]
+    assert rows[-1]["val_acc"] == meta["val_acc"]      # the vote's, after every epoch
+
+
+@pytest.mark.mpi
+@needs_mpi
+@needs_data
+def test_disjoint_shards_cut_the_rows_left_after_the_validation_split(tmp_path):
+    out = tmp_path / "dis"
+    p = parnn_mpi(2, "--distributed", "ensemble", *SMALL, "--validation-split", "0.1",
+                  "--epochs", "1", "--out", out)
+    assert p.returncode == 0, p.stderr
+    nets, meta = io.load_any(out / "model.safetensors")
+    assert [m["n_train"] for m in meta["members"]] == [900, 900]
+    assert 0 < meta["val_acc"] < 1 and meta["config"]["validation_split"] == 0.1
+    # one rank, no mpiexec: the same split and rows as plain `parnn train`, bit for bit
+    p = run([sys.executable, "-m", "parnn", "train", "--distributed", "ensemble", *SMALL,
+             "--validation-split", "0.1", "--epochs", "1", "--out", tmp_path / "r1"])
+    assert p.returncode == 0, p.stderr
+    q = run([BIN / "parnn", "train", "--threads", "1", *SMALL, "--validation-split", "0.1",
+             "--epochs", "1", "--out", tmp_path / "plain"])
+    assert q.returncode == 0, q.stderr
+    (one,), _ = io.load_any(tmp_path / "r1" / "model.safetensors")
+    (plain,), _ = io.load_any(tmp_path / "plain" / "model.safetensors")
+    assert np.array_equal(one.params, plain.params)
 
 
 @pytest.mark.mpi
@@ -246,8 +295,8 @@ def test_bootstrap_ensemble_in_one_process_says_it_runs_one_rank(tmp_path):
     assert p.returncode == 0, p.stderr
     assert "on 1 rank (not started by mpiexec" in p.stdout
     nets, meta = io.load_any(tmp_path / "one" / "model.safetensors")
-    assert len(nets) == 1 and meta["members"][0]["n_train"] == 2000
-    assert meta["members"][0]["unique_samples"] < 2000
+    assert len(nets) == 1 and meta["members"][0]["n_train"] == 1800   # 10 % held out
+    assert meta["members"][0]["unique_samples"] < 1800
 
 
 @pytest.mark.mpi
@@ -348,7 +397,8 @@ def test_the_ensembles_history_is_the_voted_accuracy_in_a_single_runs_layout(tmp
     # the vote after each epoch is not the members' mean (it is what the ensemble is for)
     assert any(row["test_acc"] != row["member_test_acc"] for row in ens["history"])
     rows = (tmp_path / "ens" / "history.csv").read_text().splitlines()
-    assert rows[0].split(",")[:4] == ["epoch", "loss", "train_acc", "test_acc"] and len(rows) == 4
+    assert rows[0].split(",")[:5] == ["epoch", "loss", "train_acc", "val_acc", "test_acc"] \
+        and len(rows) == 4
     fig = plots.history_figure(ens["history"])
     test_line = next(line for line in fig.axes[1].get_lines() if line.get_label() == "test")
     assert list(test_line.get_ydata()) == [row["test_acc"] for row in ens["history"]]

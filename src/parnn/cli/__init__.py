@@ -13,7 +13,6 @@ import argparse
 import functools
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from parnn.errors import ConfigError, ParnnError
@@ -160,10 +159,14 @@ def cmd_train(args):
     if args.average_every is not None and args.distributed != "average":
         raise ConfigError("--average-every only applies to --distributed average (optimizer "
                           "steps between two averages of the ranks' parameters)")
-    if args.distributed and (args.validation_split or args.early_stopping
-                             or args.test_every_epoch):
-        raise ConfigError("--validation-split, --early-stopping and --test-every-epoch do not "
-                          "work with --distributed yet")
+    if args.distributed and (args.early_stopping or args.test_every_epoch):
+        raise ConfigError("--early-stopping and --test-every-epoch do not work with --distributed "
+                          "(every rank trains the run's epochs; an ensemble scores its vote on "
+                          "the test set after every epoch anyway)")
+    if args.distributed in ("allreduce", "average") and args.validation_split:
+        raise ConfigError(f"--validation-split does not work with --distributed "
+                          f"{args.distributed}: it trains one network on the whole training "
+                          "set (an ensemble holds a validation split out, as parnn train does)")
     if args.shards is not None and not args.distributed:
         raise ConfigError("--shards only applies to --distributed ensemble (each member's share "
                           "of the training set)")
@@ -200,8 +203,7 @@ def cmd_train(args):
         if args.show_config:
             return _show_config(cfg, args)
         if args.distributed:  # every MPI rank runs this; mpi4py is imported only there
-            # The distributed runs train on the whole training set: say so in their files.
-            return _train_distributed(args, replace(cfg, validation_split=0.0))
+            return _train_distributed(args, cfg)
         if args.members is not None and args.members != 1:
             return _train_members(args, cfg, opts, log)
         result, paths = session.start(cfg, opts, log=log, warn=_warn)

@@ -4,14 +4,16 @@ mpi4py is imported only by the functions that need it, so single-process use nev
 
 `mpiexec -n K parnn train --distributed MODE ...` runs the same command on K ranks:
 
-ensemble   the paper's future work. Rank r trains its own network with seed + 1000*r on its own
-           shard of the training set (disjoint: one shuffle with the run's seed, cut into K
-           contiguous parts; bootstrap: n/K samples drawn with replacement, one stream per rank;
-           all: the whole training set, so the members differ by their seeds alone).
-           After every epoch each rank computes its output layer on the test set and rank 0
-           gathers them (MPI Gather into NumPy buffers) to score the soft and hard votes; at the
-           end it gathers the parameters, reports every member and the votes, and saves ONE
-           ensemble file.
+ensemble   the paper's future work. Rank r trains member r of `parnn train --members K`
+           (parnn.run.members: seed + r, the validation split held out once, from the run's
+           seed) on its own shard of the other training rows (disjoint: one shuffle with the
+           run's seed, cut into K contiguous parts; bootstrap: n/K rows drawn with replacement,
+           one stream per rank; all: every row, so that the job trains exactly the members of
+           `parnn train --members K`, side by side).
+           After every epoch each rank computes its output layer on the validation and test sets
+           and rank 0 gathers them (MPI Gather into NumPy buffers) to score the soft and hard
+           votes; at the end it gathers the parameters, reports every member and the votes, and
+           saves ONE ensemble file.
 allreduce  synchronous data parallelism. Every rank holds the same network; each global batch of B
            samples is split into K contiguous parts, each rank computes its part's gradient scaled
            by 1/B, the ranks sum the flat gradient (layer by layer as backward produces it) and
@@ -57,7 +59,6 @@ from parnn.errors import ConfigError, ParnnError
 VOTES = ("soft", "hard")
 MODES = ("ensemble", "allreduce", "average")
 SHARDS = ("disjoint", "bootstrap", "all")
-SEED_STRIDE = 1000             # ensemble member r trains with seed + SEED_STRIDE * r
 _SHARD_STREAM = 7919           # the shard shuffle's own random stream, apart from init and order
 FAIL_ENV = "PARNN_TEST_FAIL"   # test hook "RANK:raise", "RANK:kill" or "RANK:stop", docs/MPI.md
 RANK_TIMEOUT = 60.0            # seconds a rank may be silent before the job is ended
@@ -88,13 +89,9 @@ def combine_outputs(outputs, vote="soft"):
 
 # --- ensemble shards ---------------------------------------------------------------------------
 
-def member_seed(seed, rank):
-    """Rank 0 keeps the run's seed, so a 1-rank ensemble is exactly `parnn train`."""
-    return seed + SEED_STRIDE * rank
-
-
 def shard_indices(n, rank, size, kind="disjoint", seed=1):
-    """The training-sample indices rank `rank` of `size` trains on (sorted)."""
+    """The positions, among n training rows, of the rows rank `rank` of `size` trains on
+    (sorted)."""
     if kind == "disjoint":
         # The same shuffle on every rank, then contiguous parts: disjoint, covering every
         # sample, sizes differing by at most one.
@@ -179,6 +176,9 @@ class Plan:
     resume: object = None           # this rank's parnn.run.checkpoint.Checkpoint, or None
     extra: dict = field(default_factory=dict)   # rank 0: what else was saved (votes)
     hybrid: dict = field(default_factory=dict)  # ranks x threads, for the history
+    rows: object = None             # ensemble: the training rows (None: all), as parnn train's
+    validation: object = None       # ensemble: the held-out rows (a run.train.Subset) or None
+    member: object = None           # ensemble: this rank's member's TrainConfig
 
 
 def train(cfg, opts, settings=None):
@@ -281,6 +281,8 @@ def _setup(opts, cfg, comm, local, held, resume):
     from parnn.data import load_dataset
     from parnn.paths import check_output_dir
     from parnn.run import checkpoint, outputs, rundir, session
+    from parnn.run.api import holdout
+    from parnn.run.members import member_configs
     from parnn.run.config import batch_size_for, pick_engine, usable_cores
     from parnn.run.resume import RunRecord, recorded_data
 
@@ -309,12 +311,16 @@ def _setup(opts, cfg, comm, local, held, resume):
     if local * cfg.threads > cpus:
         notes.append(f"warning: {local} ranks x {cfg.threads} threads = {local * cfg.threads} "
                      f"exceeds the {cpus} cores of this machine; they will slow each other down")
+    if cfg.early_stopping:   # the ranks meet after every epoch: none may stop before the others
+        raise ConfigError("--early-stopping does not work with --distributed: every rank trains "
+                          "the run's epochs")
     if opts.mode in ("allreduce", "average"):
         if cfg.engine not in ("auto", "batch"):
             what = "reduces the gradients of" if opts.mode == "allreduce" else "steps with"
             raise ConfigError(f"--distributed {opts.mode} {what} the batch engine; --engine "
                               f"{cfg.engine} cannot be combined with it (use auto or batch)")
-        cfg = replace(cfg, engine="batch")
+        # one network on the whole training set: no rows held out, and its files say so
+        cfg = replace(cfg, engine="batch", validation_split=0.0)
     session.check_plan(cfg, opts.dataset, opts.limit_train, opts.limit_test, processes=local)
     # The images as stored (uint8) on every rank: the engines scale what they read.
     if resume is not None:   # the data may have moved (--data), but must be the same bytes
@@ -361,10 +367,19 @@ def _setup(opts, cfg, comm, local, held, resume):
             engine = AllreduceEngine(comm, overlap=opts.overlap)
         engine.check(spec, cfg.optimizer, bs)
         return cfg, ds, engine, notes, plan
+    # The members' rows as `parnn train --members` has them: cfg.validation_split held out
+    # once, from the run's seed (a resumed run's config carries both, so the same split).
+    plan.rows, plan.validation = holdout(cfg, ds)
+    n = n if plan.rows is None else len(plan.rows)
     if n < size:
         raise ConfigError(f"{n} training samples cannot be shared among {size} ranks")
+    # This rank's member: member `rank` of `parnn train --members K` (seed + rank); a resumed
+    # member keeps the seed it trained with (before, rank r had seed + 1000 r). Its engine
+    # draws the member's own augmentation and dropout from that seed.
+    plan.member = member_configs(cfg, size, n_in=ds.n_features, n_out=ds.n_classes)[rank] \
+        if resume is None else replace(cfg, seed=resume.member.config.seed)
     try:   # against the smallest shard (sizes differ by at most one)
-        engine = pick_engine(cfg, spec, n // size)
+        engine = pick_engine(plan.member, spec, n // size)
     except ConfigError as e:
         raise ConfigError(f"{e}, the shard of each of the {size} ensemble members") from None
     return cfg, ds, engine, notes, plan

@@ -18,8 +18,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from parnn.distributed import (SEED_STRIDE, VOTES, combine_outputs, member_seed,
-                               shard_indices)
+from parnn.distributed import VOTES, combine_outputs, shard_indices
 from parnn.engines import scaled
 from parnn.run.memory import SCORE_ROWS
 
@@ -92,15 +91,15 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail, plan
     from parnn.distributed.checkpoints import RankCheckpointer
     from parnn.run.config import batch_size_for
     from parnn.run.outputs import model_metadata
-    from parnn.run.train import chunk_size, fit
+    from parnn.run.train import Subset, chunk_size, fit
 
     rank, size = comm.Get_rank(), comm.Get_size()
-    idx = shard_indices(len(ds.X_train), rank, size, shards, cfg.seed)
-    shard = replace(ds, X_train=ds.X_train[idx], y_train=ds.y_train[idx])
-    mcfg = replace(cfg, seed=member_seed(cfg.seed, rank))
-    log(f"ensemble of {size}: rank r trains on its {shards} shard with seed {cfg.seed} + "
-        f"{SEED_STRIDE}*r; showing rank 0 ({len(idx)} samples)")
-    y = ds.y_test
+    mine = np.arange(len(ds.X_train)) if plan.rows is None else plan.rows
+    idx = mine[shard_indices(len(mine), rank, size, shards, cfg.seed)]
+    mcfg = plan.member   # member `rank` of `parnn train --members K` (distributed._setup)
+    log(f"ensemble of {size}: rank r trains on its {shards} shard with seed {cfg.seed} + r; "
+        f"showing rank 0 ({len(idx)} samples)")
+    validation, test = plan.validation, Subset(ds.X_test, ds.y_test)
     # rank 0: each epoch's accuracy of the soft and the hard vote (a resumed run's so far)
     votes = list(plan.extra.get("votes", []))
     checkpoints = RankCheckpointer(comm, plan.ckdir, plan.every, plan.run, "ensemble",
@@ -114,14 +113,16 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail, plan
     def on_chunk(epoch, done, net, opt):
         fail(epoch, done, opt.t)
         if done == len(idx):   # the epoch's last chunk: these are the epoch's weights
-            outputs = gather_outputs(comm, net, ds.X_test)
+            scores = [vote_accuracies(gather_outputs(comm, net, s), s)
+                      for s in (test, validation) if s is not None]
             if rank == 0:
-                votes.append({v: float(np.mean(combine_outputs(outputs, v).argmax(1) == y))
-                              for v in VOTES})
+                votes.append(scores[0] if validation is None else
+                             dict(scores[0], val=scores[1]["soft"]))
 
     t0 = time.perf_counter()
-    result = fit(mcfg, shard, progress=progress, log=log, engine=engine, on_chunk=on_chunk,
-                 test_every_epoch=True, checkpoints=checkpoints, resume=plan.resume)
+    result = fit(mcfg, ds, progress=progress, log=log, engine=engine, on_chunk=on_chunk,
+                 test_every_epoch=True, checkpoints=checkpoints, resume=plan.resume, rows=idx,
+                 validation=validation)
     seconds = time.perf_counter() - t0
 
     # Rank 0 gathers the parameters into one NumPy buffer, and small per-member records.
@@ -131,6 +132,7 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail, plan
     members = comm.gather(dict(rank=rank, seed=mcfg.seed, n_train=len(idx),
                                unique_samples=int(len(np.unique(idx))), seconds=seconds,
                                engine=result.engine, threads=mcfg.threads,
+                               val_acc=result.history[-1].get("val_acc"),
                                test_acc=result.test_acc, history=result.history), root=0)
     if rank != 0:
         return 0
@@ -139,11 +141,11 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail, plan
     rows = ensemble_rows(members, votes)
     nets = [MLP(net.spec, np.ascontiguousarray(p)) for p in params]
     info = dict(distributed="ensemble", mode="ensemble", ranks=size, shards=shards,
-                seed_stride=SEED_STRIDE, vote_in_file="soft", soft_acc=acc["soft"],
-                hard_acc=acc["hard"], wall_seconds=max(m["seconds"] for m in members),
+                vote_in_file="soft", soft_acc=acc["soft"], hard_acc=acc["hard"],
+                val_acc=acc.get("val"), wall_seconds=max(m["seconds"] for m in members),
                 hybrid=plan.hybrid)
     meta = model_metadata(replace(result, config=cfg, history=rows), ds)
-    meta.update(test_acc=acc["soft"], distributed=info,
+    meta.update(test_acc=acc["soft"], val_acc=acc.get("val"), distributed=info,
                 members=[{k: v for k, v in m.items() if k != "history"} for m in members])
     paths = save_ensemble(out, nets, meta, cfg, result, members, rows)
 
@@ -154,19 +156,31 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail, plan
     print(f"ensemble of {size} ({shards} shards): soft vote {acc['soft']:.4f}, hard vote "
           f"{acc['hard']:.4f} (members: mean {np.mean(accs):.4f}, best {max(accs):.4f}); "
           f"{info['wall_seconds']:.1f}s training")
+    if validation is not None:
+        print(f"validation: soft vote {acc['val']:.4f} on the {len(validation)} training images "
+              "held out from every member")
     print(f"test accuracy {acc['soft']:.4f} (soft vote) after {cfg.epochs} epoch(s); "
           f"ensemble saved to {paths['model']}")
     return 0
 
 
-def gather_outputs(comm, net, X):
-    """Every member's output layer on X, at rank 0 ((size, n, classes); None elsewhere)."""
-    mine = np.concatenate([net.output(scaled(X[i:i + SCORE_ROWS], net.dtype))   # uint8: x / 255
-                           for i in range(0, len(X), SCORE_ROWS)])
+def gather_outputs(comm, net, subset):
+    """Every member's output layer on a Subset's rows, at rank 0 ((size, n, classes); None
+    elsewhere)."""
+    mine = np.concatenate([net.output(scaled(X, net.dtype))   # uint8: x / 255, a chunk at a time
+                           for X, _ in subset.chunks(SCORE_ROWS)])
     rank, size = comm.Get_rank(), comm.Get_size()
     outputs = np.empty((size, *mine.shape), mine.dtype) if rank == 0 else None
     comm.Gather(mine, outputs, root=0)
     return outputs
+
+
+def vote_accuracies(outputs, subset):
+    """{vote: accuracy} of the gathered outputs on a Subset (rank 0; None elsewhere)."""
+    if outputs is None:
+        return None
+    y = subset.y if subset.rows is None else subset.y[subset.rows]
+    return {v: float(np.mean(combine_outputs(outputs, v).argmax(1) == y)) for v in VOTES}
 
 
 def ensemble_rows(members, votes):
@@ -183,6 +197,8 @@ def ensemble_rows(members, votes):
                          test_acc=vote["soft"], hard_acc=vote["hard"],
                          member_test_acc=float(np.mean([r["test_acc"] for r in mine])),
                          seconds=seconds, samples_per_s=n / seconds if seconds else 0.0))
+        if "val" in vote:   # the soft vote on the held-out rows
+            rows[-1]["val_acc"] = vote["val"]
     return rows
 
 
