@@ -69,6 +69,11 @@ class DatasetSpec:
     mirror: str
     files: dict[str, FileSpec]
 
+    def samples(self, role):
+        """The most samples its files hold ("train" or "t10k"): a label file is an 8-byte
+        header and a byte per sample. A directory may hold fewer; never more."""
+        return self.files[f"{role}-labels"].size - 8
+
 
 DATASETS: dict[str, DatasetSpec] = {
     # Measured on this project from the real files (Debian dataset-fashion-mnist).

@@ -268,7 +268,7 @@ def _auto_engine(cfg, args):
 
     cfg = config.capped_threads(cfg)
     known = DATASETS.get(args.dataset or "fashion-mnist")
-    n = known.files["train-labels"].size - 8 if known is not None else 60000
+    n = known.samples("train") if known is not None else 60000
     n_train = max(1, int(min(n, args.limit_train or n) * (1 - cfg.validation_split)))
     try:
         return config.pick_engine(cfg, cfg.spec(), n_train).name

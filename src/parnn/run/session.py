@@ -136,8 +136,7 @@ def check_plan(cfg, dataset, limit_train=None, limit_test=None, processes=1):
         return   # load_dataset says which names exist
     spec = cfg.spec(N_FEATURES, len(known.classes))
     check_engine(cfg, spec)
-    # The most the dataset's files can hold (a directory may hold fewer; never more).
-    n_train, n_test = (known.files[f"{role}-labels"].size - 8 for role in ("train", "t10k"))
+    n_train, n_test = known.samples("train"), known.samples("t10k")
     memory.check(cfg, spec, min(n_train, limit_train or n_train),
                  min(n_test, limit_test or n_test), processes)
 
