@@ -5,7 +5,6 @@ parser: settings are TrainConfig settings (make_config), options DistributedOpti
 
 import json
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 from parnn.distributed import DistributedOptions, train
@@ -24,7 +23,7 @@ def run(spec):
     if opts.resume is not None:
         return train(None, opts, settings)
     cfg = make_config(settings.pop("preset", None) or DEFAULT_PRESET, **settings)
-    return train(replace(cfg, validation_split=0.0), opts)
+    return train(cfg, opts)
 
 
 if __name__ == "__main__":

@@ -419,7 +419,8 @@ def test_show_config_names_the_engine_auto_picks(args, picked, capsys):
     assert cli.main(["train", *args, "--show-config"]) in (0, None)
     settings = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert settings.get("engine-picked") == picked
-    assert settings["engine"] == ("owner" if "owner" in args else "auto")
+    assert settings["engine"] == ("owner" if "owner" in args else
+                                  "batch" if "--distributed" in args else "auto")
 
 
 def test_show_config_picks_for_the_threads_a_run_gets(monkeypatch, capsys):
@@ -430,6 +431,19 @@ def test_show_config_picks_for_the_threads_a_run_gets(monkeypatch, capsys):
     assert cli.main(["train", "--preset", "paper", "--threads", "4", "--show-config"]) in (0, None)
     settings = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
     assert settings["engine-picked"] == "owner"
+
+
+def test_show_config_of_a_distributed_mode_is_what_the_mode_trains(capsys):
+    """allreduce and average train one network with the batch engine on the whole training
+    set; an ensemble's members hold the preset's validation split out, as parnn train does."""
+    for mode, split, engine in (("allreduce", "0.0", "batch"), ("average", "0.0", "batch"),
+                                ("ensemble", "0.1", "auto")):
+        assert cli.main(["train", "--distributed", mode, "--show-config"]) in (0, None)
+        settings = dict(line.split(None, 1) for line in capsys.readouterr().out.splitlines())
+        assert (settings["validation-split"], settings["engine"]) == (split, engine), mode
+    assert cli.main(["train", "--distributed", "allreduce", "--engine", "owner",
+                     "--show-config"]) == 2
+    assert "cannot be combined with it" in capsys.readouterr().err
 
 
 def test_show_config_json_and_members(capsys):

@@ -210,6 +210,30 @@ def test_another_rank_count_or_a_single_process_is_refused_saying_what_would_cha
         assert wrong.stderr.count("\n") == 1 and not wrong.stdout
 
 
+def test_an_ensemble_checkpoint_whose_members_drew_the_old_way_is_refused_with_augment(tmp_path):
+    """Before an MPI ensemble's members were those of `parnn train --members`, every rank drew
+    its augmentation and dropout from the run's seed: such a checkpoint (no members_scheme in
+    its record) cannot carry on the same with them, and says so; without them it can."""
+    for augment in ("shift1", "none"):
+        out = tmp_path / augment
+        first = mpirun(1, {"mode": "ensemble", **SMALL, "out": str(out)},
+                       {**SETTINGS, "epochs": 1, "augment": augment})
+        assert first.returncode == 0, first.stderr
+        ck = out / "checkpoints" / "checkpoint.safetensors"
+        arrays, meta = io.load_checkpoint(ck)
+        del meta["distributed"]["members_scheme"]          # as the older parnn wrote it
+        ck.write_bytes(io.checkpoint_bytes(arrays, meta))
+        shown = subprocess.run([str(BIN / "parnn"), "train", "--distributed", "ensemble",
+                                "--resume", str(out / "checkpoints"), "--epochs", "2",
+                                "--show-config"],
+                               capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+        if augment == "none":
+            assert shown.returncode == 0, shown.stderr
+        else:
+            assert shown.returncode == 2 and shown.stderr.count("\n") == 1
+            assert "draws this parnn makes differently" in shown.stderr
+
+
 @pytest.mark.slow
 def test_four_oversubscribed_ranks_write_a_single_runs_files_once(tmp_path):
     out = tmp_path / "run"

@@ -201,6 +201,10 @@ def cmd_train(args):
     else:
         cfg = config.make_config(settings.pop("preset") or config.DEFAULT_PRESET, **settings)
         if args.show_config:
+            if args.distributed:   # what the mode trains (mpi4py is not needed for that)
+                from parnn.distributed import mode_config
+
+                cfg = mode_config(cfg, args.distributed)
             return _show_config(cfg, args)
         if args.distributed:  # every MPI rank runs this; mpi4py is imported only there
             return _train_distributed(args, cfg)

@@ -63,6 +63,10 @@ _SHARD_STREAM = 7919           # the shard shuffle's own random stream, apart fr
 FAIL_ENV = "PARNN_TEST_FAIL"   # test hook "RANK:raise", "RANK:kill" or "RANK:stop", docs/MPI.md
 RANK_TIMEOUT = 60.0            # seconds a rank may be silent before the job is ended
 AVERAGE_EVERY = 8              # --distributed average: optimizer steps between two averages
+# An ensemble checkpoint's record says which members it trains: 2 = those of `parnn train
+# --members K` (seed + r, each its own augmentation and dropout draws, one validation split);
+# absent = before (seed + 1000 r, every rank drawing from the run's seed, no split).
+MEMBERS_SCHEME = 2
 # Set once this process enters train(): from then on its problems go through train's own
 # exchange, so the CLI must not send them through fail_early too.
 ENTERED = False
@@ -153,6 +157,19 @@ class DistributedOptions:
         if self.resume is not None and self.checkpoint_dir is not None:
             raise ConfigError("--checkpoint-dir cannot be combined with --resume: a resumed run "
                               "goes on writing its checkpoints into the --resume directory")
+
+
+def mode_config(cfg, mode):
+    """cfg as `mode` trains it: allreduce and average train one network on the whole training
+    set with the batch engine (no rows held out, and the run's files say so); an ensemble's
+    members train as `parnn train` would."""
+    if mode not in ("allreduce", "average"):
+        return cfg
+    if cfg.engine not in ("auto", "batch"):
+        what = "reduces the gradients of" if mode == "allreduce" else "steps with"
+        raise ConfigError(f"--distributed {mode} {what} the batch engine; --engine "
+                          f"{cfg.engine} cannot be combined with it (use auto or batch)")
+    return replace(cfg, engine="batch", validation_split=0.0)
 
 
 def world():
@@ -314,13 +331,7 @@ def _setup(opts, cfg, comm, local, held, resume):
     if cfg.early_stopping:   # the ranks meet after every epoch: none may stop before the others
         raise ConfigError("--early-stopping does not work with --distributed: every rank trains "
                           "the run's epochs")
-    if opts.mode in ("allreduce", "average"):
-        if cfg.engine not in ("auto", "batch"):
-            what = "reduces the gradients of" if opts.mode == "allreduce" else "steps with"
-            raise ConfigError(f"--distributed {opts.mode} {what} the batch engine; --engine "
-                              f"{cfg.engine} cannot be combined with it (use auto or batch)")
-        # one network on the whole training set: no rows held out, and its files say so
-        cfg = replace(cfg, engine="batch", validation_split=0.0)
+    cfg = mode_config(cfg, opts.mode)
     session.check_plan(cfg, opts.dataset, opts.limit_train, opts.limit_test, processes=local)
     # The images as stored (uint8) on every rank: the engines scale what they read.
     if resume is not None:   # the data may have moved (--data), but must be the same bytes
@@ -347,6 +358,7 @@ def _setup(opts, cfg, comm, local, held, resume):
     record["distributed"] = dict(mode=opts.mode, ranks=size)
     if opts.mode == "ensemble":
         record["distributed"]["shards"] = opts.shards or "disjoint"
+        record["distributed"]["members_scheme"] = MEMBERS_SCHEME
     if opts.mode == "average":
         record["distributed"]["average_every"] = opts.average_every or AVERAGE_EVERY
     plan = Plan(ckdir, out, every, record, resume.member if resume else None,

@@ -243,6 +243,15 @@ def _shares(saved, opts, settings, size):
     given = dict(settings, dataset=opts.dataset, limit_train=opts.limit_train,
                  limit_test=opts.limit_test)
     cfg = resumed_config(first, record, given)
+    if d.get("mode") == "ensemble" and "members_scheme" not in d \
+            and (cfg.augment != "none" or cfg.dropout):
+        # Its members drew their augmentation and dropout from the run's seed, by position in
+        # their shard: this release draws each member's own, so it would not carry on the same.
+        raise ConfigError(f"the ensemble checkpoint in {saved.path.parent} was written before "
+                          "an MPI ensemble's members became those of parnn train --members, and "
+                          "its members train with augment or dropout, whose draws this parnn "
+                          "makes differently: resume it with the parnn that wrote it, or start "
+                          "the run again")
     out = Path(opts.out or record.out)
     if d.get("mode") == "allreduce":
         return [(cfg, d, Share(first, record, out, saved.path.parent, {}))]

@@ -119,9 +119,14 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail, plan
                 votes.append(scores[0] if validation is None else
                              dict(scores[0], val=scores[1]["soft"]))
 
+    # A bootstrap shard trains on its own copy of the rows drawn, so that a row drawn twice is
+    # two samples with their own augmentation and dropout draws (they follow the position);
+    # the other shards train on their rows of the data set, as parnn train --members does.
+    data, rows = (replace(ds, X_train=ds.X_train[idx], y_train=ds.y_train[idx]), None) \
+        if shards == "bootstrap" else (ds, idx)
     t0 = time.perf_counter()
-    result = fit(mcfg, ds, progress=progress, log=log, engine=engine, on_chunk=on_chunk,
-                 test_every_epoch=True, checkpoints=checkpoints, resume=plan.resume, rows=idx,
+    result = fit(mcfg, data, progress=progress, log=log, engine=engine, on_chunk=on_chunk,
+                 test_every_epoch=True, checkpoints=checkpoints, resume=plan.resume, rows=rows,
                  validation=validation)
     seconds = time.perf_counter() - t0
 
