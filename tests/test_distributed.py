@@ -265,6 +265,25 @@ def test_an_ensemble_on_all_the_data_trains_the_members_of_parnn_train_members(t
 @pytest.mark.mpi
 @needs_mpi
 @needs_data
+def test_an_mpi_ensemble_takes_a_member_recipe_as_parnn_train_members_does(tmp_path):
+    p = parnn_mpi(2, "--distributed", "ensemble", "--shards", "all", "--member-recipe",
+                  "shift1", *SMALL, "--epochs", "1", "--out", tmp_path / "mpi")
+    assert p.returncode == 0, p.stderr
+    q = run([BIN / "parnn", "train", "--members", "2", "--member-recipe", "shift1", *SMALL,
+             "--epochs", "1", "--out", tmp_path / "one"])
+    assert q.returncode == 0, q.stderr
+    members = json.loads((tmp_path / "mpi" / "history.json").read_text())["members"]
+    assert [m["config"]["augment"] for m in members] == ["none", "shift1"]
+    mpi_nets, _ = io.load_any(tmp_path / "mpi" / "model.safetensors")
+    nets, _ = io.load_any(tmp_path / "one" / "model.safetensors")
+    assert all(np.array_equal(a.params, b.params) for a, b in zip(mpi_nets, nets, strict=True))
+    p = parnn_mpi(2, "--distributed", "allreduce", "--member-recipe", "shift1", *SMALL)
+    assert p.returncode == 2 and "--member-recipe only applies to an ensemble" in p.stderr
+
+
+@pytest.mark.mpi
+@needs_mpi
+@needs_data
 def test_disjoint_shards_cut_the_rows_left_after_the_validation_split(tmp_path):
     out = tmp_path / "dis"
     p = parnn_mpi(2, "--distributed", "ensemble", *SMALL, "--validation-split", "0.1",

@@ -33,7 +33,8 @@ pytestmark = [pytest.mark.mpi,
 # 1000 samples, batch 128: 8 steps an epoch; checkpoints every 3 steps and after each epoch.
 SETTINGS = {"preset": "modern", "epochs": 3, "hidden": [24]}
 SMALL = {"data": str(REAL), "limit_train": 1000, "limit_test": 300, "progress": False}
-EXTRA = {"allreduce": {}, "average": {"average_every": 2}, "ensemble": {}}
+# the ensemble's second member trains on shifted images: its own augmentation draws resumed
+EXTRA = {"allreduce": {}, "average": {"average_every": 2}, "ensemble": {"member_recipe": "shift1"}}
 
 
 def _env(**more):

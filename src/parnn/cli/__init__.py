@@ -175,8 +175,10 @@ def cmd_train(args):
     if args.rank_timeout is not None and not args.distributed:
         raise ConfigError("--rank-timeout only applies to --distributed (how long a silent "
                           "rank is waited for)")
-    if args.member_recipe is not None and args.members is None:
-        raise ConfigError("--member-recipe only applies to --members K (how each member trains)")
+    if args.member_recipe is not None and args.members is None \
+            and args.distributed != "ensemble":
+        raise ConfigError("--member-recipe only applies to an ensemble (--members K, or "
+                          "--distributed ensemble): how each member trains")
     if args.members is not None and (args.resume is not None or args.distributed):
         raise ConfigError("--members trains K networks one after another in this process and "
                           "cannot be combined with --resume or --distributed (mpiexec -n K "
@@ -251,8 +253,10 @@ def _show_config(cfg, args):
     shown = {k: v for k, v in cfg.to_dict().items() if not (k == "hidden" and cfg.layers)}
     if cfg.engine == "auto" and not args.distributed:
         shown["engine_picked"] = _auto_engine(cfg, args)
-    if args.members is not None:
-        shown["members"], shown["member_recipe"] = args.members, args.member_recipe or "seeds"
+    if args.members is not None or args.distributed == "ensemble":
+        if args.members is not None:
+            shown["members"] = args.members
+        shown["member_recipe"] = args.member_recipe or "seeds"
     if args.json:
         import json
 
@@ -297,7 +301,8 @@ def _distributed_options(args):
         data=args.data, limit_train=args.limit_train, limit_test=args.limit_test, out=args.out,
         threads=args.threads, progress=_progress(args), overwrite=args.overwrite,
         checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-        resume=args.resume, average_every=args.average_every, **timeout)
+        resume=args.resume, average_every=args.average_every, member_recipe=args.member_recipe,
+        **timeout)
 
 
 def _refuse_undistributed_launch(args):

@@ -5,11 +5,12 @@ mpi4py is imported only by the functions that need it, so single-process use nev
 `mpiexec -n K parnn train --distributed MODE ...` runs the same command on K ranks:
 
 ensemble   the paper's future work. Rank r trains member r of `parnn train --members K`
-           (parnn.run.members: seed + r, the validation split held out once, from the run's
-           seed) on its own shard of the other training rows (disjoint: one shuffle with the
-           run's seed, cut into K contiguous parts; bootstrap: n/K rows drawn with replacement,
-           one stream per rank; all: every row, so that the job trains exactly the members of
-           `parnn train --members K`, side by side).
+           (parnn.run.members: seed + r and --member-recipe's settings for member r, the
+           validation split held out once, from the run's seed) on its own shard of the other
+           training rows (disjoint: one shuffle with the run's seed, cut into K contiguous
+           parts; bootstrap: n/K rows drawn with replacement, one stream per rank; all: every
+           row, so that the job trains exactly the members of `parnn train --members K`, side
+           by side).
            After every epoch each rank computes its output layer on the validation and test sets
            and rank 0 gathers them (MPI Gather into NumPy buffers) to score the soft and hard
            votes; at the end it gathers the parameters, reports every member and the votes, and
@@ -132,6 +133,8 @@ class DistributedOptions:
     resume: Path | None = None           # carry on the run whose checkpoints are there
     average_every: int | None = None     # average: optimizer steps between averages (K)
     overlap: bool = True                 # allreduce: reduce each layer as backward produces it
+    member_recipe: str | None = None     # ensemble: how each member trains (run.members'
+                                         # MEMBER_RECIPES, as parnn train --members); None: seeds
 
     def __post_init__(self):
         t = self.rank_timeout
@@ -146,6 +149,12 @@ class DistributedOptions:
                               "share of the training set)")
         if self.shards is not None and self.shards not in SHARDS:
             raise ConfigError(f"unknown shards {self.shards!r}: choose one of {', '.join(SHARDS)}")
+        if self.member_recipe is not None and self.mode != "ensemble":
+            raise ConfigError("--member-recipe only applies to an ensemble (--members K, or "
+                              "--distributed ensemble): how each member trains")
+        if self.member_recipe is not None and self.resume is not None:
+            raise ConfigError("a resumed ensemble keeps its members' settings: drop "
+                              "--member-recipe")
         if self.average_every is not None and self.mode != "average":
             raise ConfigError("--average-every only applies to --distributed average (optimizer "
                               "steps between two averages of the ranks' parameters)")
@@ -385,11 +394,17 @@ def _setup(opts, cfg, comm, local, held, resume):
     n = n if plan.rows is None else len(plan.rows)
     if n < size:
         raise ConfigError(f"{n} training samples cannot be shared among {size} ranks")
-    # This rank's member: member `rank` of `parnn train --members K` (seed + rank); a resumed
-    # member keeps the seed it trained with (before, rank r had seed + 1000 r). Its engine
-    # draws the member's own augmentation and dropout from that seed.
-    plan.member = member_configs(cfg, size, n_in=ds.n_features, n_out=ds.n_classes)[rank] \
-        if resume is None else replace(cfg, seed=resume.member.config.seed)
+    # This rank's member: member `rank` of `parnn train --members K` (seed + rank, the recipe's
+    # settings); a resumed member keeps its own (before, rank r had seed + 1000 r). Its engine
+    # draws the member's own augmentation and dropout from its seed.
+    if resume is None:
+        members = member_configs(cfg, size, opts.member_recipe, ds.n_features, ds.n_classes)
+        if any(m.epochs != cfg.epochs for m in members):   # the ranks meet after every epoch
+            raise ConfigError("the members of an MPI ensemble train the same number of epochs: "
+                              "a member recipe cannot change it")
+        plan.member = members[rank]
+    else:
+        plan.member = replace(resume.config, threads=cfg.threads)
     try:   # against the smallest shard (sizes differ by at most one)
         engine = pick_engine(plan.member, spec, n // size)
     except ConfigError as e:

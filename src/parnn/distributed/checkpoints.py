@@ -178,6 +178,8 @@ class Share:
     out: Path
     ckdir: Path
     extra: dict
+    config: object = None   # the member's own settings (an ensemble's; the settings given
+                            # again applied to its checkpoint's), or None: the run's
 
 
 def resumed(opts, settings, comm, log):
@@ -255,5 +257,6 @@ def _shares(saved, opts, settings, size):
     out = Path(opts.out or record.out)
     if d.get("mode") == "allreduce":
         return [(cfg, d, Share(first, record, out, saved.path.parent, {}))]
-    return [(cfg, d, Share(m, record, out, saved.path.parent, saved.extra if r == 0 else {}))
+    return [(cfg, d, Share(m, record, out, saved.path.parent, saved.extra if r == 0 else {},
+                           resumed_config(m, record, given)))
             for r, m in enumerate(saved.members)]

@@ -97,8 +97,8 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail, plan
     mine = np.arange(len(ds.X_train)) if plan.rows is None else plan.rows
     idx = mine[shard_indices(len(mine), rank, size, shards, cfg.seed)]
     mcfg = plan.member   # member `rank` of `parnn train --members K` (distributed._setup)
-    log(f"ensemble of {size}: rank r trains on its {shards} shard with seed {cfg.seed} + r; "
-        f"showing rank 0 ({len(idx)} samples)")
+    log(f"ensemble of {size}: rank r trains member r of parnn train --members {size} (seed "
+        f"{cfg.seed} + r) on its {shards} shard; showing rank 0 ({len(idx)} samples)")
     validation, test = plan.validation, Subset(ds.X_test, ds.y_test)
     # rank 0: each epoch's accuracy of the soft and the hard vote (a resumed run's so far)
     votes = list(plan.extra.get("votes", []))
@@ -137,6 +137,7 @@ def train_ensemble(cfg, ds, engine, out, comm, shards, progress, log, fail, plan
     members = comm.gather(dict(rank=rank, seed=mcfg.seed, n_train=len(idx),
                                unique_samples=int(len(np.unique(idx))), seconds=seconds,
                                engine=result.engine, threads=mcfg.threads,
+                               config=mcfg.to_dict(),
                                val_acc=result.history[-1].get("val_acc"),
                                test_acc=result.test_acc, history=result.history), root=0)
     if rank != 0:
