@@ -218,7 +218,7 @@ def test_members_overwrite_replaces_a_single_run_and_leaves_nothing_of_it(tmp_pa
 
 @pytest.mark.parametrize("flags, message", [
     (["--members", "0"], "members must be an integer >= 1"),
-    (["--member-recipe", "shift1"], "--member-recipe only applies to --members"),
+    (["--member-recipe", "shift1"], "--member-recipe only applies to an ensemble (--members K"),
     (["--members", "2", "--distributed", "ensemble"], "cannot be combined with --resume or"),
     (["--members", "2", "--checkpoint-every", "5"], "--members trains without checkpoints"),
     (["--members", "2", "--member-recipe", "bagging"], "invalid choice"),

@@ -213,11 +213,12 @@ def test_another_rank_count_or_a_single_process_is_refused_saying_what_would_cha
 
 def test_an_ensemble_checkpoint_whose_members_drew_the_old_way_is_refused_with_augment(tmp_path):
     """Before an MPI ensemble's members were those of `parnn train --members`, every rank drew
-    its augmentation and dropout from the run's seed: such a checkpoint (no members_scheme in
-    its record) cannot carry on the same with them, and says so; without them it can."""
-    for augment in ("shift1", "none"):
-        out = tmp_path / augment
-        first = mpirun(1, {"mode": "ensemble", **SMALL, "out": str(out)},
+    its augmentation and dropout from the run's seed: such a checkpoint of several ranks (no
+    members_scheme in its record) cannot carry on the same with them, and says so; without
+    them, or on one rank (which drew from its own seed), it can."""
+    for ranks, augment, refused in ((2, "shift1", True), (2, "none", False), (1, "shift1", False)):
+        out = tmp_path / f"{ranks}{augment}"
+        first = mpirun(ranks, {"mode": "ensemble", **SMALL, "out": str(out)},
                        {**SETTINGS, "epochs": 1, "augment": augment})
         assert first.returncode == 0, first.stderr
         ck = out / "checkpoints" / "checkpoint.safetensors"
@@ -228,11 +229,40 @@ def test_an_ensemble_checkpoint_whose_members_drew_the_old_way_is_refused_with_a
                                 "--resume", str(out / "checkpoints"), "--epochs", "2",
                                 "--show-config"],
                                capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
-        if augment == "none":
-            assert shown.returncode == 0, shown.stderr
-        else:
+        if refused:
             assert shown.returncode == 2 and shown.stderr.count("\n") == 1
             assert "draws this parnn makes differently" in shown.stderr
+        else:
+            assert shown.returncode == 0, shown.stderr
+
+
+def test_a_resumed_ensemble_keeps_each_members_settings_and_takes_the_runs_given_again(tmp_path):
+    """Member r has seed + r and its recipe's settings: the run's seed (or any setting) given
+    again is checked against the run's, not refused because member 1's differs; --show-config
+    says how the members differ; the finished file's `parnn info` too."""
+    out = tmp_path / "mixed"
+    first = mpirun(2, {"mode": "ensemble", "member_recipe": "shift1", **SMALL, "out": str(out)},
+                   {**SETTINGS, "epochs": 1})
+    assert first.returncode == 0, first.stderr
+    ckdir = out / "checkpoints"
+    shown = subprocess.run([str(BIN / "parnn"), "train", "--distributed", "ensemble", "--resume",
+                            str(ckdir), "--epochs", "2", "--seed", "1", "--augment", "none",
+                            "--show-config"],
+                           capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+    assert shown.returncode == 0, shown.stderr
+    settings = dict(line.split(None, 1) for line in shown.stdout.splitlines())
+    assert settings["member-seed"] == "1,2" and settings["member-augment"] == "none,shift1"
+    assert (settings["seed"], settings["augment"], settings["epochs"]) == ("1", "none", "2")
+    done = mpirun(2, {"mode": "ensemble", **SMALL, "resume": str(ckdir)},
+                  {"epochs": 2, "seed": 1, "augment": "none"})
+    assert done.returncode == 0, done.stderr
+    info = subprocess.run([str(BIN / "parnn"), "info", str(out / "model.safetensors"), "--json"],
+                          capture_output=True, text=True, timeout=60, env=_env(), cwd=ROOT)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["member_settings"] == {"augment": ["none", "shift1"],
+                                                          "seed": [1, 2]}
+    wrong = mpirun(2, {"mode": "ensemble", **SMALL, "resume": str(ckdir)}, {"seed": 2})
+    assert wrong.returncode == 2 and "--seed 2 (it has 1)" in wrong.stderr
 
 
 @pytest.mark.slow

@@ -69,13 +69,24 @@ def model_info(path) -> dict:
         "best_epoch": _number(meta.get("best_epoch")),
         "accuracy": accuracy,
         "params_sha256": [params_sha256(n.params) for n in nets],
-        "member_settings": _member_settings(meta.get("member_configs"), len(nets)),
+        "member_settings": member_settings(_member_configs(meta), len(nets)),
     }
 
 
-def _member_settings(configs, members):
+def _member_configs(meta):
+    """Each member's config: a --members file's member_configs, an MPI ensemble's members'
+    records (each holding its config); None without."""
+    if "member_configs" in meta:
+        return meta["member_configs"]
+    members = meta.get("members")
+    if isinstance(members, list) and all(isinstance(m, dict) for m in members):
+        return [m.get("config") for m in members]
+    return None
+
+
+def member_settings(configs, members):
     """{setting: [each member's value]} for the settings in which an ensemble's members differ
-    (their seeds, a recipe's augmentation, ...), from the file's member_configs; None without."""
+    (their seeds, a recipe's augmentation, ...), from their configs (dicts); None without."""
     if not (isinstance(configs, list) and len(configs) == members > 1
             and all(isinstance(c, dict) for c in configs)):
         return None

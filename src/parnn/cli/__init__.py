@@ -192,8 +192,9 @@ def cmd_train(args):
         if args.show_config:
             from parnn.distributed.checkpoints import shown_config
 
-            return _show_config(shown_config(_distributed_options(args), settings,
-                                            functools.partial(print, file=sys.stderr)), args)
+            cfg, members = shown_config(_distributed_options(args), settings,
+                                        functools.partial(print, file=sys.stderr))
+            return _show_config(cfg, args, members)
         return _train_distributed(args, None, settings)   # the checkpoint's settings
     if args.resume is not None:
         if args.show_config:
@@ -245,15 +246,21 @@ def _train_members(args, cfg, opts, log):
           f"ensemble saved to {paths['model']}")
 
 
-def _show_config(cfg, args):
+def _show_config(cfg, args, members=None):
     """Each setting and its value, as the flags take them (--json: one JSON object); --hidden
     only where it is used (a layer list spells its own sizes); beside engine auto, the engine
     it picks for this run (not for --distributed, whose modes bring their own); with --members,
-    K and the recipe."""
+    K and the recipe; for a resumed ensemble (members: each member's config), the settings in
+    which its members differ (the settings above are member 0's)."""
+    from parnn.modelinfo import member_settings
+
     shown = {k: v for k, v in cfg.to_dict().items() if not (k == "hidden" and cfg.layers)}
     if cfg.engine == "auto" and not args.distributed:
         shown["engine_picked"] = _auto_engine(cfg, args)
-    if args.members is not None or args.distributed == "ensemble":
+    if members is not None:
+        differ = member_settings([m.to_dict() for m in members], len(members)) or {}
+        shown.update({f"member_{k}": v for k, v in differ.items()})
+    elif args.members is not None or args.distributed == "ensemble":
         if args.members is not None:
             shown["members"] = args.members
         shown["member_recipe"] = args.member_recipe or "seeds"

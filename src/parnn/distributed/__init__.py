@@ -133,8 +133,9 @@ class DistributedOptions:
     resume: Path | None = None           # carry on the run whose checkpoints are there
     average_every: int | None = None     # average: optimizer steps between averages (K)
     overlap: bool = True                 # allreduce: reduce each layer as backward produces it
-    member_recipe: str | None = None     # ensemble: how each member trains (run.members'
-                                         # MEMBER_RECIPES, as parnn train --members); None: seeds
+    member_recipe: str | list | None = None   # ensemble: how each member trains, as parnn
+                                         # train --members (a MEMBER_RECIPES name, or from
+                                         # Python a list of settings dicts); None: seeds
 
     def __post_init__(self):
         t = self.rank_timeout
@@ -400,9 +401,13 @@ def _setup(opts, cfg, comm, local, held, resume):
     if resume is None:
         members = member_configs(cfg, size, opts.member_recipe, ds.n_features, ds.n_classes)
         if any(m.epochs != cfg.epochs for m in members):   # the ranks meet after every epoch
-            raise ConfigError("the members of an MPI ensemble train the same number of epochs: "
-                              "a member recipe cannot change it")
+            raise ConfigError("--member-recipe: a recipe cannot change the epochs of an MPI "
+                              "ensemble's members, whose ranks meet after every epoch "
+                              "(parnn train --members trains such members one after another)")
         plan.member = members[rank]
+        if plan.member.batch_size != cfg.batch_size:   # what the member needs changes too
+            session.check_plan(plan.member, opts.dataset, opts.limit_train, opts.limit_test,
+                               processes=local)
     else:
         plan.member = replace(resume.config, threads=cfg.threads)
     try:   # against the smallest shard (sizes differ by at most one)

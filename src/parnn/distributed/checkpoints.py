@@ -219,11 +219,13 @@ def resumed(opts, settings, comm, log):
 
 
 def shown_config(opts, settings, log):
-    """The config `mpiexec -n K parnn train --distributed MODE --resume DIR` would train with,
-    checked as that job checks it, on the checkpoint's own number of ranks: what --show-config
-    prints, without MPI."""
+    """(the config `mpiexec -n K parnn train --distributed MODE --resume DIR` would train with,
+    checked as that job checks it, on the checkpoint's own number of ranks; each member's
+    config, for an ensemble, else None): what --show-config prints, without MPI."""
     saved = load(opts.resume, warn=lambda m: log(f"warning: {m}"))
-    return _shares(saved, opts, settings, None)[0][0]
+    shares = _shares(saved, opts, settings, None)
+    members = [share.config for _, _, share in shares] if shares[0][2].config else None
+    return shares[0][0], members
 
 
 def _shares(saved, opts, settings, size):
@@ -245,10 +247,11 @@ def _shares(saved, opts, settings, size):
     given = dict(settings, dataset=opts.dataset, limit_train=opts.limit_train,
                  limit_test=opts.limit_test)
     cfg = resumed_config(first, record, given)
-    if d.get("mode") == "ensemble" and "members_scheme" not in d \
+    if d.get("mode") == "ensemble" and "members_scheme" not in d and d.get("ranks", 1) > 1 \
             and (cfg.augment != "none" or cfg.dropout):
         # Its members drew their augmentation and dropout from the run's seed, by position in
-        # their shard: this release draws each member's own, so it would not carry on the same.
+        # their shard: this release draws each member's own, so it would not carry on the same
+        # (one rank drew from its own seed, by the same positions: it carries on).
         raise ConfigError(f"the ensemble checkpoint in {saved.path.parent} was written before "
                           "an MPI ensemble's members became those of parnn train --members, and "
                           "its members train with augment or dropout, whose draws this parnn "
@@ -257,6 +260,10 @@ def _shares(saved, opts, settings, size):
     out = Path(opts.out or record.out)
     if d.get("mode") == "allreduce":
         return [(cfg, d, Share(first, record, out, saved.path.parent, {}))]
+    # Each member carries on with its own settings (its seed, a recipe's); the settings given
+    # again were checked against the run's (member 0's) above, and only those a resumed run may
+    # change (epochs, threads) apply to every member.
+    changes = {k: given.get(k) for k in ("epochs", "threads")}
     return [(cfg, d, Share(m, record, out, saved.path.parent, saved.extra if r == 0 else {},
-                           resumed_config(m, record, given)))
+                           cfg if r == 0 else resumed_config(m, record, changes)))
             for r, m in enumerate(saved.members)]
