@@ -76,6 +76,8 @@ RECIPES = {
     "w1kaff60": dict(hidden=(1024, 512), augment="affine", epochs=60),
     "w2kaff60": dict(hidden=(2048, 1024), augment="affine", epochs=60),
     "w1kaff120": dict(hidden=(1024, 512), augment="affine", epochs=120),
+    # the default network (512-256) trained as long as the best wide members
+    "affinee120": dict(augment="affine", epochs=120),
 }
 TIMED = {"base (512-256, batch 128)": {}, "deep (512-256-128)": RECIPES["deep"],
          "batch 64": RECIPES["b64"], "batch 256": RECIPES["b256"],
