@@ -176,8 +176,8 @@ def build_parser():
                    "soft-votes (default: 1, a single network)")
     r.add_argument("--member-recipe", choices=sorted(MEMBER_RECIPES), metavar="NAME",
                    help="with --members or --distributed ensemble: seeds (every member trains "
-                   "with the run's settings, "
-                   "the default) or shift1 (every other member with --augment shift1)")
+                   "with the run's settings, the default) or shift1 (every other member with "
+                   "--augment shift1)")
     d = t.add_argument_group("data")
     _add_data_args(d, dataset=None)
     d.add_argument("--limit-train", type=int, metavar="N", help="train on the first N samples only")

@@ -309,8 +309,8 @@ def _setup(opts, cfg, comm, local, held, resume):
     from parnn.paths import check_output_dir
     from parnn.run import checkpoint, outputs, rundir, session
     from parnn.run.api import holdout
-    from parnn.run.members import member_configs
     from parnn.run.config import batch_size_for, pick_engine, usable_cores
+    from parnn.run.members import member_configs
     from parnn.run.resume import RunRecord, recorded_data
 
     rank, size = comm.Get_rank(), comm.Get_size()
