@@ -21,7 +21,6 @@ import ensemble_members as em  # noqa: E402
 
 from parnn.engines import batch  # noqa: E402
 
-AFFINE = dict(shift=0.5, rotate=3.0, scale=0.03, subpixel=True)    # parnn.run.config.AFFINE
 ERASE = {"afferz": "zero", "affern": "noise"}                        # recipe: the fill
 P, AREA, ASPECT = 0.5, (0.02, 0.2), (0.3, 1 / 0.3)
 GOLDEN = np.uint64(0x9E3779B97F4A7C15)
@@ -77,8 +76,8 @@ def fill_rows(self, X, idx, out, epoch, lo, hi):
 def main(out, jobs):
     batch.Augmentation.fill, batch.Augmentation.fill_rows = fill, fill_rows
     for recipe in ERASE:
-        em.RECIPES[recipe] = dict(augment="affine", _affine=AFFINE)
-        em.RECIPES[recipe + "e60"] = dict(augment="affine", epochs=60, _affine=AFFINE)
+        em.RECIPES[recipe] = dict(augment="affine")       # the chosen ranges (run.config.AFFINE)
+        em.RECIPES[recipe + "e60"] = dict(augment="affine", epochs=60)
     for job in jobs:
         fill_now[:] = [ERASE[job[:len("afferz")]]]
         em.train(out, [job])

@@ -40,7 +40,6 @@ def hp_transpose(W0, nb):
     out[...] = 0
     for t, (lo, hi) in enumerate(cuts):
         out[t, :, :hi - lo] = W0[lo:hi].T
-    hp_transpose.keep = raw
     return out
 
 
@@ -63,7 +62,6 @@ def main():
         e = engines[(name, thr, hp)] = make_engine(name)
         runners.engine_run(e, w, thr, warm_up=True)
     res = {v: [] for v in variants}
-    accs = {}
     for r in range(rounds):
         for v in variants:
             name, thr, hp = v
@@ -72,7 +70,6 @@ def main():
             before = anon_huge()
             out = runners.engine_run(engines[v], w, thr)
             res[v].append(out["time_s"])
-            accs[v] = out["test_acc"]
             print(f"round {r} {name} x{thr} hp={hp}: {out['time_s']:.3f}s others {out['others']:.2f} "
                   f"probe {probe and round(probe, 2)} acc {out['test_acc']:.4f} anonhuge {before}->{anon_huge()}kB",
                   flush=True)
