@@ -62,6 +62,35 @@ def test_relu_back_is_relu_derivative_then_the_bias_gradient(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_dropout_kernels_are_the_dropout_layers_masks_forward_and_backward(dtype):
+    """Forward: relu, then the Dropout layer's x * mask (its masks, drawn by sample number).
+    Backward: Dropout.backward's dy * mask, then relu'(a) with a the unmasked activations; the
+    fused path takes relu' of the masked ones, which differs only where the mask is 0 and
+    there d * 0 is what it multiplies: the same bits, signs of zero included."""
+    from parnn.core.layers import Dropout
+
+    rng = np.random.default_rng(3)
+    z, dy = data(rng, (40, 24), dtype, negative_zeros=True), data(rng, (40, 24), dtype, True)
+    dy[1, 2] = np.inf                               # inf * 0: NaN on both paths
+    ids = rng.permutation(1000)[:40].astype(np.int64)
+    layer = Dropout(24, 0.4, seed=5, layer=1, dtype=dtype)
+    mask = layer.draw(3, ids)
+    a = relu(z.copy())
+    ref_y = layer.forward((), a)
+    ref_d = relu_derivative(a, layer.backward((), a, ref_y, dy.copy(), ()))
+    assert 0 < (mask == 0).mean() < 1
+    aT, M = np.ascontiguousarray(a.T), np.empty((40, 24), dtype)
+    rate, scale, keys = fused.dropout_of(0.4, 5, 3, 2, dtype)
+    fused.dropout(aT, ids, keys[1], rate, scale, M)
+    assert np.array_equal(M, mask) and np.array_equal(aT.T, ref_y)
+    dT, db = np.ascontiguousarray(dy.T), np.empty(24, dtype)
+    fused.dropout_back(dT, M)
+    fused.relu_back(aT, dT, db)
+    assert np.array_equal(dT.T, ref_d, equal_nan=True)
+    assert np.array_equal(np.signbit(dT.T), np.signbit(ref_d))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_xent_is_softmax_cross_entropy_delta_and_hits(dtype):
     rng = np.random.default_rng(3)
     zT, b = data(rng, (10, 24), dtype) * 5, data(rng, 10, dtype)
@@ -178,6 +207,46 @@ def test_fused_path_trains_on_the_general_paths_augmented_batches(aug, monkeypat
     assert bs.loss_sum == pytest.approx(s1.loss_sum, rel=1e-12)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("augment", [False, True], ids=["plain", "shift2+flip"])
+def test_fused_path_with_dropout_draws_the_general_paths_masks(dtype, augment):
+    """Dropout on the fused path: each hidden layer's masks by (seed, epoch, layer, sample
+    number), as the general path's Dropout layers draw them, also for augmented batches
+    (trained from a block of copies, masked by the samples' own numbers): the same bits at 1
+    and 2 threads, the general path's result up to the paths' rounding, and another epoch
+    draws other masks."""
+    from parnn.engines import make_engine
+    from parnn.engines.batch import Augmentation, DropoutOption
+
+    spec = Spec((784, 24, 16, 10), "relu", "softmax", "cross_entropy", dtype)
+    X8 = pixels(203)
+    _, T, order = synthetic(spec, 203)             # 6 batches of 32 and one of 11
+    kw = dict(optimizer="adam", lr=0.01, batch_size=32, dropout=DropoutOption(0.3, 7),
+              augment=Augmentation(5, shift=2, hflip=True) if augment else None)
+    one, opt1, s1 = train("batch", spec, X8, T, order, threads=1, **kw)
+    two, _, s2 = train("batch", spec, X8, T, order, threads=2, **kw)
+    assert np.array_equal(one.params, two.params) and (s1.correct, s1.loss_sum) == (
+        s2.correct, s2.loss_sum)
+    assert opt1.t == 7 and s1.n == 203
+    general, _, gs = train("batch", spec, X8, T, order, threads=2, fused=False, **kw)
+    assert np.abs(one.params - general.params).max() <= TOL_EPOCH[dtype]
+    assert s1.correct == gs.correct and s1.loss_sum == pytest.approx(gs.loss_sum, rel=1e-6)
+    plain, _, _ = train("batch", spec, X8, T, order, threads=1,
+                        **dict(kw, dropout=None))
+    assert np.abs(one.params - plain.params).max() > 1e-3       # the masks did something
+    nets = {}
+    for fused_path in (True, False):                             # epoch 2's masks
+        net = MLP(spec, seed=0)
+        engine = make_engine("batch", fused=fused_path, **{k: kw[k] for k in ("dropout",
+                                                                              "augment")})
+        engine.train(net, make_optimizer("adam", spec.n_params, dtype, 0.01), X8, T, order, 32,
+                     epoch=2)
+        assert engine.info()["path"] == ("fused" if fused_path else "general")
+        nets[fused_path] = net.params
+    assert np.abs(nets[True] - nets[False]).max() <= TOL_EPOCH[dtype]
+    assert np.abs(nets[True] - one.params).max() > 1e-3
+
+
 @pytest.mark.parametrize("shards", [2, 3])
 def test_a_last_batch_smaller_than_the_shards_leaves_empty_shards_that_add_nothing(shards):
     spec = Spec(SPEC.sizes, "relu", "softmax", "cross_entropy", "float64")
@@ -260,7 +329,7 @@ def test_fused_path_is_taken_only_where_it_applies():
     assert not make_engine("batch", fused=False).fuses(net, adam, X8, 32)
     assert not make_engine("batch").fuses(net, adam, X8, 64)                 # full batch
     assert not make_engine("batch").fuses(net, make_optimizer("sgd", 1, "float32", 0.1), X8, 32)
-    assert not make_engine("batch", dropout=DropoutOption(0.3, 1)).fuses(net, adam, X8, 32)
+    assert make_engine("batch", dropout=DropoutOption(0.3, 1)).fuses(net, adam, X8, 32)
     assert make_engine("batch", augment=Augmentation(1, 2)).fuses(net, adam, X8, 32)
     assert not make_engine("batch").fuses(MLP(Spec((784, 24, 10), "tanh", "softmax",
                                                    "cross_entropy", "float32")), adam, X8, 32)

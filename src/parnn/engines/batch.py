@@ -245,7 +245,7 @@ class BatchEngine:
         if self.path == "fused" and self.augment is not None:
             return self._train_fused_augmented(net, opt, X, T, order, B, S, nt, epoch)
         if self.path == "fused":
-            return self._train_fused(net, opt, X, T, order, B, S, nt)
+            return self._train_fused(net, opt, X, T, order, order, B, S, nt, epoch)
         shards = self.shard_nets(net, B, S)
         on_layer = getattr(self.reducer, "on_layer", None)
         # Augmenting AUGMENT_BATCHES batches in one parallel call, not one batch per call:
@@ -317,25 +317,29 @@ class BatchEngine:
 
     def fuses(self, net, opt, X, B):
         """Whether train takes the fused path (parnn.engines.fused): a dense ReLU network with
-        softmax + cross-entropy, Adam, batches smaller than X, no dropout or MPI reducer
-        (augmentation: see _train_fused_augmented)."""
+        softmax + cross-entropy, Adam, batches smaller than X, no MPI reducer (augmentation:
+        see _train_fused_augmented; dropout: the same masks, drawn in the compiled loop)."""
         spec = net.spec
         if not (self.fused and not spec.arch and spec.hidden == "relu"
                 and spec.output == "softmax" and spec.loss == "cross_entropy"
                 and getattr(opt, "name", None) == "adam" and B < len(X)
-                and self.reducer is None and self.dropout is None):
+                and self.reducer is None):
             return False
         from parnn.engines import fused
         return fused.available()
 
-    def _train_fused(self, net, opt, X, T, order, B, S, nt):
-        """train's batches on the fused path: one compiled call per thread for all of them."""
+    def _train_fused(self, net, opt, X, T, order, ids, B, S, nt, epoch):
+        """train's batches on the fused path: one compiled call per thread for all of them.
+        ids[i]: the sample number of row order[i] (dropout's masks are drawn by it)."""
         from parnn.engines import fused
 
-        key = (net.spec, B, S)
+        key = (net.spec, B, S, self.dropout is not None)
         if self._plan is None or self._plan[0] != key:
             self._plan = None                    # free the old buffers before the new ones
-            self._plan = (key, fused.Plan(net.spec, B, S))
+            self._plan = (key, fused.Plan(net.spec, B, S, dropout=key[-1]))
+        d = self.dropout
+        drop = fused.dropout_of(d.rate if d else 0.0, d.seed if d else 0, epoch,
+                                len(net.spec.sizes) - 2, net.dtype)
         plan = self._plan[1]
         n_batches = -(-len(order) // B)
         steps = np.array([opt.scalars(opt.t + k) for k in range(1, n_batches + 1)],
@@ -347,8 +351,8 @@ class BatchEngine:
 
         def job(t):
             try:
-                done = fused.train(plan, t, nt, net, opt, X, T, order, B, steps, opt.decay(),
-                                   losses, hits, *self._patience)
+                done = fused.train(plan, t, nt, net, opt, X, T, order, ids, B, steps,
+                                   opt.decay(), drop, losses, hits, *self._patience)
             except BaseException:                # e.g. Ctrl-C before the compiled call began
                 fused.release(plan.flags, t, nt)
                 raise
@@ -378,7 +382,7 @@ class BatchEngine:
                 crew.run(lambda t: self.augment.fill_rows(X, rows, Xa, epoch, n * t // nt,
                                                           n * (t + 1) // nt))
             Ta = np.take(T, rows, axis=0)
-            stats += self._train_fused(net, opt, Xa, Ta, np.arange(n), B, S, nt)
+            stats += self._train_fused(net, opt, Xa, Ta, np.arange(n), rows, B, S, nt, epoch)
         return stats
 
     def _blas_single(self):

@@ -6,9 +6,11 @@ activations and deltas feature-major, aT = (features, samples of the shard):
 
     gather   its shard's rows x of X (uint8 pixels scaled x / 255 on the way) and of T
     forward  per layer  zT = W @ aT (GEMM; W0 @ x.T first)  then  relu(zT + b) in place
+             (with dropout, then times each sample's mask, drawn as layers.Dropout draws it)
     output   per sample  bias, softmax, loss, hit, dzT = (p - t) / B and the last layer's db
     backward per layer  dW = dzT @ a (GEMM; dzT @ x last), daT = W.T @ dzT (GEMM), then
-             daT *= relu'(aT) and the layer's db (sums over the samples) in one pass
+             (daT *= the mask), then daT *= relu'(aT) and the layer's db (sums over the
+             samples) in one pass
     meet     all threads have their shards' gradients (a spin barrier)
     step     Adam over this thread's fixed part of the parameters, reading grad_0 + grad_1 + ...
              (the shard sum) in the same pass
@@ -36,6 +38,7 @@ import llvmlite.binding as llvm
 import numpy as np
 from numba import njit, types
 
+from parnn.core.layers import dropout_key, dropout_mask
 from parnn.engines.compiled import (FLAG, atomic_load, atomic_store, barrier, cycles,
                                     cycles_per_second)
 
@@ -140,6 +143,30 @@ def relu_back(aT, dT, db):
         db[j] = acc
 
 
+# core's mask function itself (layers.Dropout draws with it), compiled with core's options
+_mask = njit(cache=True)(dropout_mask.py_func)
+
+
+@njit(cache=True, nogil=True)
+def dropout(aT, ids, key, rate, scale, mask):
+    """aT *= the masks of samples ids (layers.Dropout.draw, then forward's x * mask), in place;
+    mask (samples, features) keeps them for dropout_back."""
+    _mask(key, ids, rate, scale, mask)
+    for j in range(aT.shape[0]):
+        for r in range(aT.shape[1]):
+            aT[j, r] = aT[j, r] * mask[r, j]
+
+
+@njit(cache=True, nogil=True)
+def dropout_back(dT, mask):
+    """dT *= mask (Dropout.backward), before relu_back, which takes relu' of the masked
+    activations: that differs from relu' of the unmasked ones only where the mask is 0, where
+    d is d * 0 already and d * 0 * relu' keeps its sign: the same bits."""
+    for j in range(dT.shape[0]):
+        for r in range(dT.shape[1]):
+            dT[j, r] = dT[j, r] * mask[r, j]
+
+
 @njit(cache=True, nogil=True)
 def softmax_xent(zT, b, t, scale, tiny, dT, db):
     """The output layer of a shard, sample by sample (a column of zT): z += b, then
@@ -239,11 +266,20 @@ def cols_of(buf, lay, l, b):
     return buf[o:o + b * n].reshape((n, b))
 
 
+@njit(inline="always")
+def samples_of(buf, lay, l, b):
+    """Layer l's (b, n_out) block of a shard's dropout masks (sample-major, as drawn)."""
+    o, n = lay[l, 4], lay[l, 3]
+    return buf[o:o + b * n].reshape((b, n))
+
+
 @njit(cache=True, nogil=True)
-def shard_gradient(X, div, T, rows, scale, params, lay, Xs, Ts, AT, DT, g, tiny):
+def shard_gradient(X, div, T, rows, scale, params, lay, Xs, Ts, AT, DT, g, tiny, ids, drop, M):
     """One shard's gradient (scaled by `scale` = 1 / the batch's size) into g; returns its
     (summed loss, hits). Xs, Ts, AT, DT are the shard's buffers; X the training set, its rows
     divided by div on the way (255 for uint8 pixels, 1 for floats: x / 1 is x).
+    Dropout, if drop = (rate, scale, keys) has rate > 0: each hidden layer's activations are
+    multiplied by the masks of samples ids (the rows' sample numbers) under keys[l], kept in M.
 
     Activations and deltas are kept feature-major, a.T = (features, samples), so every GEMM
     has its second operand untransposed, the layout in which OpenBLAS's single-threaded sgemm
@@ -266,6 +302,8 @@ def shard_gradient(X, div, T, rows, scale, params, lay, Xs, Ts, AT, DT, g, tiny)
             gemm(False, False, W, cols_of(AT, lay, l - 1, b), zT)
         if l < L - 1:
             bias_relu(zT, bias)
+            if drop[0] > 0:
+                dropout(zT, ids, drop[2][l], drop[0], drop[1], samples_of(M, lay, l, b))
     # the output layer's zT and bias (the loop's last): its bias goes in with the softmax
     _, gbL = weights(g, lay, L - 1)
     loss, hits = softmax_xent(zT, bias, t, ft(scale), tiny, cols_of(DT, lay, L - 1, b), gbL)
@@ -279,6 +317,8 @@ def shard_gradient(X, div, T, rows, scale, params, lay, Xs, Ts, AT, DT, g, tiny)
             gemm(False, True, dzT, cols_of(AT, lay, l - 1, b), gW)
             daT = cols_of(DT, lay, l - 1, b)
             gemm(True, False, W, dzT, daT)
+            if drop[0] > 0:
+                dropout_back(daT, samples_of(M, lay, l - 1, b))
             _, gb = weights(g, lay, l - 1)
             relu_back(cols_of(AT, lay, l - 1, b), daT, gb)
     return loss, hits
@@ -312,11 +352,11 @@ def meet(flags, tid, nt, k, slow):
 
 
 @njit(cache=True, nogil=True)
-def train_chunk(tid, nt, X, div, T, order, B, params, lay, Xs, Ts, AT, DT, G, m, v, b1, c1, b2,
-                c2, steps, decay, tiny, flags, losses, hits, patience, slow_wait):
+def train_chunk(tid, nt, X, div, T, order, ids, B, params, lay, Xs, Ts, AT, DT, G, m, v, b1, c1,
+                b2, c2, steps, decay, tiny, drop, M, flags, losses, hits, patience, slow_wait):
     """Thread tid's share of the batches of `order` (batches of B, the last one shorter): its
     shards' gradients, then its part of the Adam step; steps[k] = (eps_t, lr_t) of batch k, in
-    the parameters' dtype.
+    the parameters' dtype. ids[i]: the sample number of row order[i], for dropout's masks.
 
     Giving up: a thread whose barriers waited long (over slow_wait cycles) too often raises
     the stop word before a batch's last barrier; after that barrier every thread sees it, the
@@ -329,12 +369,12 @@ def train_chunk(tid, nt, X, div, T, order, B, params, lay, Xs, Ts, AT, DT, G, m,
     hi = P if tid == nt - 1 else P * (tid + 1) // nt // 16 * 16
     stop, slow, gave_up = nt * FLAG, 0, 0
     for k in range((n + B - 1) // B):
-        idx = order[k * B:min(k * B + B, n)]
+        idx, sid = order[k * B:min(k * B + B, n)], ids[k * B:min(k * B + B, n)]
         nb = idx.shape[0]
         for s in range(tid, S, nt):
-            part = idx[nb * s // S:nb * (s + 1) // S]
-            loss, hit = shard_gradient(X, div, T, part, 1.0 / nb, params, lay, Xs[s], Ts[s],
-                                       AT[s], DT[s], G[s], tiny)
+            lo_s, hi_s = nb * s // S, nb * (s + 1) // S
+            loss, hit = shard_gradient(X, div, T, idx[lo_s:hi_s], 1.0 / nb, params, lay, Xs[s],
+                                       Ts[s], AT[s], DT[s], G[s], tiny, sid[lo_s:hi_s], drop, M[s])
             losses[s] += loss
             hits[s] += hit
         if nt > 1:
@@ -362,9 +402,10 @@ def release(flags, tid, nt):
 class Plan:
     """The fused path's buffers for (network, batch size, shards), allocated once: per shard
     the gathered rows, the activations and deltas of every layer (one flat buffer each, layer
-    after layer) and a flat gradient; the layer table; the barrier flags."""
+    after layer), with dropout its masks (laid out like the activations), and a flat gradient;
+    the layer table; the barrier flags."""
 
-    def __init__(self, spec, B, S):
+    def __init__(self, spec, B, S, dropout=False):
         dt = np.dtype(spec.dtype)
         Bs = -(-B // S)                              # rows of the largest shard
         starts, _ = spec.offsets()
@@ -377,17 +418,28 @@ class Plan:
         self.T = np.empty((S, Bs, spec.sizes[-1]), dt)
         self.AT = np.empty((S, o), dt)       # activations, feature-major, layer after layer
         self.DT = np.empty((S, o), dt)       # deltas, likewise
+        self.M = np.empty((S, o if dropout else 1), dt)     # dropout's masks, sample-major
         self.G = np.empty((S, spec.n_params), dt)
         self.flags = np.zeros((S + 1) * FLAG, np.int64)
 
 
-def train(plan, tid, nt, net, opt, X, T, order, B, steps, decay, losses, hits,
+def dropout_of(rate, seed, epoch, hidden_layers, dtype):
+    """train_chunk's `drop` for an epoch: (rate, 1 / (1 - rate), each hidden layer's key), the
+    values layers.Dropout draws its masks with; (0, 1, -) without dropout."""
+    f = np.dtype(dtype).type
+    if not rate:
+        return 0.0, f(1), np.zeros(1, np.uint64)
+    keys = [dropout_key(seed, epoch, l) for l in range(hidden_layers)]
+    return float(rate), f(1.0 / (1.0 - rate)), np.array(keys, np.uint64)
+
+
+def train(plan, tid, nt, net, opt, X, T, order, ids, B, steps, decay, drop, losses, hits,
           patience=PATIENCE):
     """Thread tid's call of train_chunk (the caller resets plan.flags before the threads
     start); returns the batches after which the threads gave up (0: they did not)."""
     f = net.params.dtype.type
     div = f(255) if X.dtype == np.uint8 else f(1)
-    return train_chunk(tid, nt, X, div, T, order, B, net.params, plan.lay, plan.X, plan.T, plan.AT,
-                plan.DT, plan.G, opt.m, opt.v, f(opt.beta1), f(1 - opt.beta1), f(opt.beta2),
-                f(1 - opt.beta2), steps, f(decay), np.finfo(net.params.dtype).tiny,
-                plan.flags, losses, hits, patience, slow_cycles())
+    return train_chunk(tid, nt, X, div, T, order, ids, B, net.params, plan.lay, plan.X, plan.T,
+                plan.AT, plan.DT, plan.G, opt.m, opt.v, f(opt.beta1), f(1 - opt.beta1),
+                f(opt.beta2), f(1 - opt.beta2), steps, f(decay), np.finfo(net.params.dtype).tiny,
+                drop, plan.M, plan.flags, losses, hits, patience, slow_cycles())
