@@ -152,7 +152,9 @@ def test_augmented_batches_depend_on_seed_epoch_and_sample_not_threads_or_chunks
     assert not np.array_equal(one, run(threads=1, chunks=1, seed=4))
 
 
-def test_batch_engine_drops_out_like_numpy_and_independently_of_threads_and_chunks(restore_threads):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused path", "general path"])
+def test_batch_engine_drops_out_like_numpy_and_independently_of_threads_and_chunks(
+        restore_threads, fused):
     import numba
 
     from parnn.engines.batch import DropoutOption
@@ -160,24 +162,29 @@ def test_batch_engine_drops_out_like_numpy_and_independently_of_threads_and_chun
     X, T, order = synthetic(AUG_SPEC, 200)
     drop = DropoutOption(0.3, seed=7)
     kw = dict(optimizer="adam", lr=0.01, batch_size=20, threads=2)
-    assert_close_to_numpy("batch", AUG_SPEC, X, T, order, TOL_EPOCH["float64"], dropout=drop, **kw)
-    assert_close_to_numpy("batch", AUG_SPEC, X, T, order, TOL_EPOCH["float64"], dropout=drop,
-                          **{**kw, "batch_size": 200})
+    for B in (20, 200):                          # 200: the whole set, the general path's
+        ref, _, ref_stats = train("numpy", AUG_SPEC, X, T, order, dropout=drop,
+                                  **{**kw, "batch_size": B})
+        net, _, stats = train("batch", AUG_SPEC, X, T, order, dropout=drop, fused=fused,
+                              **{**kw, "batch_size": B})
+        assert np.abs(net.params - ref.params).max() <= TOL_EPOCH["float64"]
+        assert stats.correct == ref_stats.correct
 
     def run(threads, chunks, epoch=2, seed=7):
         numba.set_num_threads(threads)
         net = MLP(AUG_SPEC, seed=0)
         opt = make_optimizer("adam", AUG_SPEC.n_params, AUG_SPEC.dtype, 0.01)
-        eng = make_engine("batch", dropout=DropoutOption(0.3, seed))
+        eng = make_engine("batch", dropout=DropoutOption(0.3, seed), fused=fused)
         for part in np.split(order, chunks):
             eng.train(net, opt, X, T, part, 20, epoch=epoch)
+        assert eng.info()["path"] == ("fused" if fused else "general")
         return net.params
 
     one = run(threads=1, chunks=1)
     assert np.array_equal(one, run(threads=2, chunks=5))
     assert not np.array_equal(one, run(threads=1, chunks=1, epoch=3))
     assert not np.array_equal(one, run(threads=1, chunks=1, seed=8))
-    plain, _, _ = train("batch", AUG_SPEC, X, T, order, **kw)
+    plain, _, _ = train("batch", AUG_SPEC, X, T, order, fused=fused, **kw)
     assert not np.array_equal(one, plain.params)
 
 
@@ -208,8 +215,8 @@ def test_batch_engine_on_uint8_pixels_matches_the_scaled_float_copy_bitwise(dtyp
 # --- shards: each thread computes its share of a batch, summed in shard order -----------------
 
 @pytest.mark.parametrize("shards", [2, 3])
-@pytest.mark.parametrize("options", [{}, {"dropout": 0.3}, {"augment": True},
-                                     {"augment": True, "fused": False}])
+@pytest.mark.parametrize("options", [{}, {"dropout": 0.3}, {"dropout": 0.3, "fused": False},
+                                     {"augment": True}, {"augment": True, "fused": False}])
 def test_sharded_batches_give_the_same_bits_at_any_thread_count(shards, options):
     from parnn.engines.batch import Augmentation, DropoutOption
 

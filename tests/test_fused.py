@@ -65,26 +65,32 @@ def test_relu_back_is_relu_derivative_then_the_bias_gradient(dtype):
 def test_dropout_kernels_are_the_dropout_layers_masks_forward_and_backward(dtype):
     """Forward: relu, then the Dropout layer's x * mask (its masks, drawn by sample number).
     Backward: Dropout.backward's dy * mask, then relu'(a) with a the unmasked activations; the
-    fused path takes relu' of the masked ones, which differs only where the mask is 0 and
-    there d * 0 is what it multiplies: the same bits, signs of zero included."""
+    fused path takes relu' of the masked ones, which differs only where the mask is 0, and
+    there d * 0 is what it multiplies: the same bits, signs of zero, inf and NaN included."""
     from parnn.core.layers import Dropout
 
     rng = np.random.default_rng(3)
     z, dy = data(rng, (40, 24), dtype, negative_zeros=True), data(rng, (40, 24), dtype, True)
-    dy[1, 2] = np.inf                               # inf * 0: NaN on both paths
     ids = rng.permutation(1000)[:40].astype(np.int64)
     layer = Dropout(24, 0.4, seed=5, layer=1, dtype=dtype)
-    mask = layer.draw(3, ids)
-    a = relu(z.copy())
-    ref_y = layer.forward((), a)
-    ref_d = relu_derivative(a, layer.backward((), a, ref_y, dy.copy(), ()))
+    mask = layer.draw(3, ids).copy()
     assert 0 < (mask == 0).mean() < 1
+    (r0, j0), (r1, j1) = np.argwhere(mask == 0)[:2]
+    (r2, j2), (r3, j3) = np.argwhere(mask != 0)[:2]
+    dy[r0, j0], dy[r2, j2] = np.inf, -np.inf        # inf * 0 where dropped, kept elsewhere
+    z[r1, j1], z[r3, j3] = np.nan, np.inf           # a NaN dropped, an inf kept
+    a = relu(z.copy())
+    with np.errstate(invalid="ignore"):             # inf * 0
+        ref_y = layer.forward((), a)
+        ref_d = relu_derivative(a, layer.backward((), a, ref_y, dy.copy(), ()))
+    assert np.isnan(ref_d).any() and np.isinf(ref_y).any()
     aT, M = np.ascontiguousarray(a.T), np.empty((40, 24), dtype)
     rate, scale, keys = fused.dropout_of(0.4, 5, 3, 2, dtype)
-    fused.dropout(aT, ids, keys[1], rate, scale, M)
-    assert np.array_equal(M, mask) and np.array_equal(aT.T, ref_y)
+    fused._mask(keys[1], ids, rate, scale, M)
+    fused.times_mask(aT, M)
+    assert np.array_equal(M, mask) and np.array_equal(aT.T, ref_y, equal_nan=True)
     dT, db = np.ascontiguousarray(dy.T), np.empty(24, dtype)
-    fused.dropout_back(dT, M)
+    fused.times_mask(dT, M)
     fused.relu_back(aT, dT, db)
     assert np.array_equal(dT.T, ref_d, equal_nan=True)
     assert np.array_equal(np.signbit(dT.T), np.signbit(ref_d))

@@ -143,28 +143,21 @@ def relu_back(aT, dT, db):
         db[j] = acc
 
 
-# core's mask function itself (layers.Dropout draws with it), compiled with core's options
+# Dropout: layers.Dropout's masks, drawn by core's own function (compiled with core's options)
+# into a (samples, features) block, then Dropout.forward's a * mask and Dropout.backward's
+# d * mask as times_mask. Backward, relu_back then takes relu' of the MASKED activations: that
+# differs from relu' of the unmasked ones (what the general path takes) only where the mask is
+# 0, and there d is already d * 0 (a zero of d's sign, or NaN), which relu' (0 or 1) leaves as
+# it is: the same bits.
 _mask = njit(cache=True)(dropout_mask.py_func)
 
 
 @njit(cache=True, nogil=True)
-def dropout(aT, ids, key, rate, scale, mask):
-    """aT *= the masks of samples ids (layers.Dropout.draw, then forward's x * mask), in place;
-    mask (samples, features) keeps them for dropout_back."""
-    _mask(key, ids, rate, scale, mask)
+def times_mask(aT, mask):
+    """aT *= mask.T in place: aT (features, samples), mask (samples, features) as drawn."""
     for j in range(aT.shape[0]):
         for r in range(aT.shape[1]):
             aT[j, r] = aT[j, r] * mask[r, j]
-
-
-@njit(cache=True, nogil=True)
-def dropout_back(dT, mask):
-    """dT *= mask (Dropout.backward), before relu_back, which takes relu' of the masked
-    activations: that differs from relu' of the unmasked ones only where the mask is 0, where
-    d is d * 0 already and d * 0 * relu' keeps its sign: the same bits."""
-    for j in range(dT.shape[0]):
-        for r in range(dT.shape[1]):
-            dT[j, r] = dT[j, r] * mask[r, j]
 
 
 @njit(cache=True, nogil=True)
@@ -303,7 +296,9 @@ def shard_gradient(X, div, T, rows, scale, params, lay, Xs, Ts, AT, DT, g, tiny,
         if l < L - 1:
             bias_relu(zT, bias)
             if drop[0] > 0:
-                dropout(zT, ids, drop[2][l], drop[0], drop[1], samples_of(M, lay, l, b))
+                mask = samples_of(M, lay, l, b)
+                _mask(drop[2][l], ids, drop[0], drop[1], mask)
+                times_mask(zT, mask)
     # the output layer's zT and bias (the loop's last): its bias goes in with the softmax
     _, gbL = weights(g, lay, L - 1)
     loss, hits = softmax_xent(zT, bias, t, ft(scale), tiny, cols_of(DT, lay, L - 1, b), gbL)
@@ -318,7 +313,7 @@ def shard_gradient(X, div, T, rows, scale, params, lay, Xs, Ts, AT, DT, g, tiny,
             daT = cols_of(DT, lay, l - 1, b)
             gemm(True, False, W, dzT, daT)
             if drop[0] > 0:
-                dropout_back(daT, samples_of(M, lay, l - 1, b))
+                times_mask(daT, samples_of(M, lay, l - 1, b))
             _, gb = weights(g, lay, l - 1)
             relu_back(cols_of(AT, lay, l - 1, b), daT, gb)
     return loss, hits
@@ -418,7 +413,8 @@ class Plan:
         self.T = np.empty((S, Bs, spec.sizes[-1]), dt)
         self.AT = np.empty((S, o), dt)       # activations, feature-major, layer after layer
         self.DT = np.empty((S, o), dt)       # deltas, likewise
-        self.M = np.empty((S, o if dropout else 1), dt)     # dropout's masks, sample-major
+        hidden = lay[-1][4]                  # the hidden layers' share (the output comes last)
+        self.M = np.empty((S, hidden if dropout else 1), dt)    # dropout's masks, sample-major
         self.G = np.empty((S, spec.n_params), dt)
         self.flags = np.zeros((S + 1) * FLAG, np.int64)
 
