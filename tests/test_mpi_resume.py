@@ -284,3 +284,52 @@ def test_four_oversubscribed_ranks_write_a_single_runs_files_once(tmp_path):
     saved = io.load_checkpoint(out / "checkpoints" / "checkpoint.safetensors")[1]
     assert saved["distributed"] == {"mode": "average", "ranks": 4, "average_every": 2}
     assert len(saved["members"]) == 4
+
+
+def test_rank_0_reads_and_checks_the_chosen_checkpoint_once(tmp_path, monkeypatch):
+    """Resuming, rank 0 reads the checkpoint it chooses from disk once, parses it once, and
+    broadcasts exactly those bytes; when the newest file is damaged, the previous one's."""
+    from parnn.distributed import DistributedOptions, checkpoints
+    from parnn.run import checkpoint
+
+    out = tmp_path / "run"
+    p = mpirun(2, {"mode": "ensemble", **SMALL, "out": str(out)}, {**SETTINGS, "epochs": 2})
+    assert p.returncode == 0, p.stderr
+    ckdir = out / "checkpoints"
+    opened, parsed, sent = [], [], []
+    real_open, real_parse = io.open_regular, checkpoint.parse
+
+    def counted_open(path, *args, **kw):
+        opened.append(Path(path).name)
+        return real_open(path, *args, **kw)
+
+    def counted_parse(*args, **kw):
+        parsed.append(1)
+        return real_parse(*args, **kw)
+
+    monkeypatch.setattr(io, "open_regular", counted_open)
+    monkeypatch.setattr(checkpoint, "parse", counted_parse)
+
+    class Rank0:                          # of the checkpoint's 2 ranks, without MPI
+        def Get_rank(self):
+            return 0
+
+        def Get_size(self):
+            return 2
+
+        def bcast_bytes(self, data):
+            sent.append(data)
+            return data
+
+    opts = DistributedOptions(mode="ensemble", resume=ckdir, data=REAL, limit_train=1000,
+                              limit_test=300, progress=False)
+    cfg, _, share = checkpoints.resumed(opts, {}, Rank0(), print)
+    assert opened == ["checkpoint.safetensors"] and len(parsed) == 2      # 2 members, once
+    assert sent[-1] == (ckdir / "checkpoint.safetensors").read_bytes()
+    assert cfg.epochs == 2 and share.config is not None
+    newest = ckdir / "checkpoint.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-100])                        # damaged
+    opened.clear(), sent.clear()
+    checkpoints.resumed(opts, {}, Rank0(), lambda m: None)
+    assert opened == ["checkpoint.safetensors", "checkpoint.prev.safetensors"]
+    assert sent[-1] == (ckdir / "checkpoint.prev.safetensors").read_bytes()

@@ -194,12 +194,19 @@ def resumed(opts, settings, comm, log):
     from parnn.errors import ParnnError
 
     rank, size = comm.Get_rank(), comm.Get_size()
-    data, path, problem = b"", "", None
+    data, path, problem, shares = b"", "", None, None
     if rank == 0:
+        read_bytes = {}
+
+        def reader(p):                   # keeps the bytes of the file it chooses, read once
+            read_bytes["data"] = io.file_bytes(p)
+            return read(p, read_bytes["data"])
+
         try:
-            path = load(opts.resume, warn=lambda m: log(f"warning: {m}")).path
-            data = io.file_bytes(path)
-            _shares(read(path, data), opts, settings, size)     # the checks, once
+            saved = checkpoint.load(opts.resume, warn=lambda m: log(f"warning: {m}"),
+                                    reader=reader)
+            path, data = saved.path, read_bytes["data"]
+            shares = _shares(saved, opts, settings, size)         # the checks, once
         except ParnnError as e:
             problem = str(e)
         except Exception as e:   # a bug: still one line, and no rank left waiting
@@ -210,7 +217,8 @@ def resumed(opts, settings, comm, log):
             raise ConfigError(head[0])
         return 2
     data = comm.bcast_bytes(data)
-    shares = _shares(read(head[1], data), opts, settings, size)
+    if shares is None:                   # the other ranks, from rank 0's bytes
+        shares = _shares(read(head[1], data), opts, settings, size)
     cfg, d, share = shares[0] if len(shares) == 1 else shares[rank]
     record = share.record
     return cfg, replace(opts, shards=d.get("shards"), average_every=d.get("average_every"),
