@@ -144,20 +144,22 @@ def relu_back(aT, dT, db):
 
 
 # Dropout: layers.Dropout's masks, drawn by core's own function (compiled with core's options)
-# into a (samples, features) block, then Dropout.forward's a * mask and Dropout.backward's
-# d * mask as times_mask. Backward, relu_back then takes relu' of the MASKED activations: that
-# differs from relu' of the unmasked ones (what the general path takes) only where the mask is
-# 0, and there d is already d * 0 (a zero of d's sign, or NaN), which relu' (0 or 1) leaves as
-# it is: the same bits.
+# through a transposed view into a feature-major block like the activations' (its strided
+# stores cost less than multiplying twice by a sample-major block across: docs/ENGINES.md),
+# then Dropout.forward's a * mask and Dropout.backward's d * mask as times_mask. Backward,
+# relu_back then takes relu' of the MASKED activations: that differs from relu' of the
+# unmasked ones (what the general path takes) only where the mask is 0, and there d is
+# already d * 0 (a zero of d's sign, or NaN), which relu' (0 or 1) leaves as it is: the same
+# bits.
 _mask = njit(cache=True)(dropout_mask.py_func)
 
 
 @njit(cache=True, nogil=True)
-def times_mask(aT, mask):
-    """aT *= mask.T in place: aT (features, samples), mask (samples, features) as drawn."""
+def times_mask(aT, maskT):
+    """aT *= maskT in place, both (features, samples)."""
     for j in range(aT.shape[0]):
         for r in range(aT.shape[1]):
-            aT[j, r] = aT[j, r] * mask[r, j]
+            aT[j, r] = aT[j, r] * maskT[j, r]
 
 
 @njit(cache=True, nogil=True)
@@ -259,20 +261,14 @@ def cols_of(buf, lay, l, b):
     return buf[o:o + b * n].reshape((n, b))
 
 
-@njit(inline="always")
-def samples_of(buf, lay, l, b):
-    """Layer l's (b, n_out) block of a shard's dropout masks (sample-major, as drawn)."""
-    o, n = lay[l, 4], lay[l, 3]
-    return buf[o:o + b * n].reshape((b, n))
-
-
 @njit(cache=True, nogil=True)
 def shard_gradient(X, div, T, rows, scale, params, lay, Xs, Ts, AT, DT, g, tiny, ids, drop, M):
     """One shard's gradient (scaled by `scale` = 1 / the batch's size) into g; returns its
     (summed loss, hits). Xs, Ts, AT, DT are the shard's buffers; X the training set, its rows
     divided by div on the way (255 for uint8 pixels, 1 for floats: x / 1 is x).
     Dropout, if drop = (rate, scale, keys) has rate > 0: each hidden layer's activations are
-    multiplied by the masks of samples ids (the rows' sample numbers) under keys[l], kept in M.
+    multiplied by the masks of samples ids (the rows' sample numbers) under keys[l], kept in M
+    (laid out as AT).
 
     Activations and deltas are kept feature-major, a.T = (features, samples), so every GEMM
     has its second operand untransposed, the layout in which OpenBLAS's single-threaded sgemm
@@ -296,9 +292,9 @@ def shard_gradient(X, div, T, rows, scale, params, lay, Xs, Ts, AT, DT, g, tiny,
         if l < L - 1:
             bias_relu(zT, bias)
             if drop[0] > 0:
-                mask = samples_of(M, lay, l, b)
-                _mask(drop[2][l], ids, drop[0], drop[1], mask)
-                times_mask(zT, mask)
+                maskT = cols_of(M, lay, l, b)
+                _mask(drop[2][l], ids, drop[0], drop[1], maskT.T)
+                times_mask(zT, maskT)
     # the output layer's zT and bias (the loop's last): its bias goes in with the softmax
     _, gbL = weights(g, lay, L - 1)
     loss, hits = softmax_xent(zT, bias, t, ft(scale), tiny, cols_of(DT, lay, L - 1, b), gbL)
@@ -313,7 +309,7 @@ def shard_gradient(X, div, T, rows, scale, params, lay, Xs, Ts, AT, DT, g, tiny,
             daT = cols_of(DT, lay, l - 1, b)
             gemm(True, False, W, dzT, daT)
             if drop[0] > 0:
-                times_mask(daT, samples_of(M, lay, l - 1, b))
+                times_mask(daT, cols_of(M, lay, l - 1, b))
             _, gb = weights(g, lay, l - 1)
             relu_back(cols_of(AT, lay, l - 1, b), daT, gb)
     return loss, hits
@@ -397,7 +393,7 @@ def release(flags, tid, nt):
 class Plan:
     """The fused path's buffers for (network, batch size, shards), allocated once: per shard
     the gathered rows, the activations and deltas of every layer (one flat buffer each, layer
-    after layer), with dropout its masks (laid out like the activations), and a flat gradient;
+    after layer), with dropout its masks (laid out as the activations), and a flat gradient;
     the layer table; the barrier flags."""
 
     def __init__(self, spec, B, S, dropout=False):
@@ -414,7 +410,7 @@ class Plan:
         self.AT = np.empty((S, o), dt)       # activations, feature-major, layer after layer
         self.DT = np.empty((S, o), dt)       # deltas, likewise
         hidden = lay[-1][4]                  # the hidden layers' share (the output comes last)
-        self.M = np.empty((S, hidden if dropout else 1), dt)    # dropout's masks, sample-major
+        self.M = np.empty((S, hidden if dropout else 1), dt)    # dropout's masks, as AT
         self.G = np.empty((S, spec.n_params), dt)
         self.flags = np.zeros((S + 1) * FLAG, np.int64)
 
