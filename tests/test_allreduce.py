@@ -173,3 +173,61 @@ def test_overlapped_reduction_is_the_blocking_one_and_average_every_step_is_allr
     diff = np.abs(got["sgd8.average1"] - got["sgd8.blocking"]).max()
     assert diff <= 1e-12, f"average every step vs allreduce: {diff:.3g}"
     assert np.array_equal(got["sgd8.average1.stats"][:, 1:], got["sgd8.blocking.stats"][:, 1:])
+
+
+DRAWS_SCRIPT = textwrap.dedent("""
+    import hashlib, sys
+    import numpy as np
+    from mpi4py import MPI
+    sys.path.insert(0, sys.argv[2])
+    from test_allreduce import draws_run
+    from parnn.engines.allreduce import AllreduceEngine, AverageEngine
+
+    comm = MPI.COMM_WORLD
+    out = {}
+    for name, make in (("allreduce", lambda o: AllreduceEngine(comm, **o)),
+                       ("average", lambda o: AverageEngine(comm, 4, **o))):
+        for drawn in (True, False):
+            net = draws_run(make, drawn)
+            digests = comm.gather(hashlib.sha256(net.params.tobytes()).hexdigest())
+            if comm.rank == 0:
+                out[f"{name}.{drawn}"] = net.params
+                out[f"{name}.{drawn}.digests"] = np.array(digests)
+    if comm.rank == 0:
+        np.savez(sys.argv[1], **out)
+""")
+
+
+def draws_run(make, drawn):
+    """Two epochs of a 784-input network with augmentation and dropout (drawn) or without,
+    the epoch passed as the training loop passes it: an engine made by make(options)."""
+    from parnn.engines.batch import Augmentation, DropoutOption
+
+    spec = Spec((784, 12, 10), "relu", "softmax", "cross_entropy", "float64")
+    X, T, _ = engine_data(spec, 120)
+    options = dict(augment=Augmentation(3, shift=2, hflip=True),
+                   dropout=DropoutOption(0.3, 7)) if drawn else {}
+    engine = make(options)
+    net = MLP(spec, seed=0)
+    opt = make_optimizer("adam", spec.n_params, spec.dtype, 1e-2)
+    rng = np.random.default_rng(5)
+    for epoch in (1, 2):
+        order = rng.permutation(120)
+        for s in range(0, 120, 48):
+            engine.train(net, opt, X, T, order[s:s + 48], 16, epoch=epoch)
+    if hasattr(engine, "average"):        # the epoch's model is the replicas' average
+        engine.average(net, opt)
+    return net
+
+
+def test_allreduce_and_average_draw_augmentation_and_dropout_as_one_process_does(tmp_path):
+    """Augmentation and dropout draw by (seed, epoch, sample number), so allreduce on 2 ranks
+    trains what the batch engine does in one process (within rounding), every rank ends with
+    the same bits, and the draws change the result; average takes them too."""
+    got = _launch(tmp_path, DRAWS_SCRIPT, 2)
+    for name in ("allreduce", "average"):
+        for drawn in (True, False):
+            assert len(set(got[f"{name}.{drawn}.digests"])) == 1, f"{name}: ranks differ"
+        assert np.abs(got[f"{name}.True"] - got[f"{name}.False"]).max() > 1e-3
+    one = draws_run(lambda o: make_engine("batch", **o), True)
+    assert np.abs(got["allreduce.True"] - one.params).max() <= TOL_EPOCH["float64"]

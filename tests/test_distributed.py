@@ -168,8 +168,14 @@ def test_allreduce_equals_one_process_and_ranks_are_bitwise_identical(tmp_path):
 @pytest.mark.mpi
 @needs_mpi
 @needs_data
-def test_allreduce_cli_matches_single_process_training(tmp_path):
+@pytest.mark.parametrize("draws", [{}, {"dropout": 0.3, "augment": "shift1"}],
+                         ids=["plain", "dropout+augment"])
+def test_allreduce_cli_matches_single_process_training(tmp_path, draws):
+    """With augmentation and dropout too: they draw by (seed, epoch, sample number), so
+    whichever rank trains a sample draws what one process would."""
     args = [*SMALL, "--epochs", "2", "--dtype", "float64", "--threads", "1"]
+    for k, v in draws.items():
+        args += [f"--{k}", str(v)]
     p = parnn_mpi(2, "--distributed", "allreduce", *args, "--out", tmp_path / "ar")
     assert p.returncode == 0, p.stderr
     assert "weights identical on all 2 ranks" in p.stdout
@@ -180,7 +186,7 @@ def test_allreduce_cli_matches_single_process_training(tmp_path):
     assert all(row["comm_seconds"] > 0 for row in hist["history"])
 
     cfg = make_config("modern", hidden=(32,), epochs=2, dtype="float64", engine="batch",
-                      threads=1)
+                      threads=1, **draws)
     ds = load_dataset("fashion-mnist", REAL, "float64", 2000, 500)
     ref = train.fit(cfg, ds, progress=False, log=lambda *_: None, test_every_epoch=True)
     np.testing.assert_allclose(net.params, ref.net.params, rtol=1e-8, atol=1e-10)

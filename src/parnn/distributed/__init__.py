@@ -375,18 +375,20 @@ def _setup(opts, cfg, comm, local, held, resume):
                 resume.extra if resume else {})
     if opts.mode in ("allreduce", "average"):
         from parnn.engines.allreduce import AllreduceEngine, AverageEngine
+        from parnn.run.config import engine_options
 
         bs = batch_size_for(cfg, n)
+        options = engine_options(cfg, "batch")           # augmentation, dropout
         if opts.mode == "average":
             if bs < size:
                 raise ConfigError(f"--distributed average needs a batch of at least one sample "
                                   f"per rank: batch size {bs} < {size} ranks")
-            engine = AverageEngine(comm, opts.average_every or AVERAGE_EVERY)
+            engine = AverageEngine(comm, opts.average_every or AVERAGE_EVERY, **options)
         else:
             if bs < size:
                 notes.append(f"warning: batch size {bs} < {size} ranks: some ranks get no "
                              "samples and only add communication")
-            engine = AllreduceEngine(comm, overlap=opts.overlap)
+            engine = AllreduceEngine(comm, overlap=opts.overlap, **options)
         engine.check(spec, cfg.optimizer, bs)
         return cfg, ds, engine, notes, plan
     # The members' rows as `parnn train --members` has them: cfg.validation_split held out

@@ -66,12 +66,22 @@ class _Replicas:
     takes_pixels = True       # uint8 X goes to the batch engine, which scales its gathers:
                               # every rank holds the training set, a quarter of float32's size
 
-    def __init__(self, comm):
+    def __init__(self, comm, augment=None, dropout=None):
         self.comm = comm
         self.comm_seconds = 0.0   # inside MPI: transfer AND waiting for the slowest rank
         self.calls = 0            # reductions: gradients (or averages) and stats
-        self.batch = BatchEngine(reducer=self)
+        # augmentation and dropout draw by (seed, epoch, sample number): whichever rank trains
+        # a sample draws what one process would
+        self.batch = BatchEngine(reducer=self, augment=augment, dropout=dropout)
         self.synced = False       # set by a resumed run whose ranks restored their own state
+
+    @property
+    def augment(self):
+        return self.batch.augment
+
+    @property
+    def dropout(self):
+        return self.batch.dropout
 
     def check(self, spec, optimizer, batch_size):
         self.batch.check(spec, optimizer, batch_size)
@@ -107,12 +117,13 @@ class _Replicas:
 class AllreduceEngine(_Replicas):
     """The engine protocol (parnn.engines) for data-parallel training over the communicator
     `comm`; all ranks must call train with the same arguments. overlap: reduce each layer's
-    gradient as backward produces it (else one Allreduce after the whole backward)."""
+    gradient as backward produces it (else one Allreduce after the whole backward).
+    augment, dropout: the batch engine's options (parnn.run.config.engine_options)."""
 
     name = "allreduce"
 
-    def __init__(self, comm, overlap=True):
-        super().__init__(comm)
+    def __init__(self, comm, overlap=True, augment=None, dropout=None):
+        super().__init__(comm, augment, dropout)
         self.overlap = overlap
         self._pending = []        # this batch's started Iallreduce requests
         self._flat = {}           # id(a layer's gradient views) -> (views, its flat slice)
@@ -154,12 +165,12 @@ class AllreduceEngine(_Replicas):
 class AverageEngine(_Replicas):
     """The engine protocol for local SGD over `comm`: see the module's docstring. every: the
     optimizer steps between two averages of the parameters (counted by opt.t, so a resumed
-    run averages where the interrupted one would have)."""
+    run averages where the interrupted one would have). augment, dropout: as allreduce's."""
 
     name = "average"
 
-    def __init__(self, comm, every):
-        super().__init__(comm)
+    def __init__(self, comm, every, augment=None, dropout=None):
+        super().__init__(comm, augment, dropout)
         self.every = int(every)
         self.averaged_at = None   # opt.t of the last average
         self._scale = 1.0
