@@ -330,6 +330,9 @@ def test_rank_0_reads_and_checks_the_chosen_checkpoint_once(tmp_path, monkeypatc
     newest = ckdir / "checkpoint.safetensors"
     newest.write_bytes(newest.read_bytes()[:-100])                        # damaged
     opened.clear(), sent.clear()
-    checkpoints.resumed(opts, {}, Rank0(), lambda m: None)
+    said = []
+    checkpoints.resumed(opts, {}, Rank0(), said.append)
     assert opened == ["checkpoint.safetensors", "checkpoint.prev.safetensors"]
+    assert len(said) == 1 and said[0].startswith("parnn: warning: ") and \
+        "using the previous checkpoint" in said[0]          # one line, as one process says it
     assert sent[-1] == (ckdir / "checkpoint.prev.safetensors").read_bytes()

@@ -331,13 +331,14 @@ def _setup(opts, cfg, comm, local, held, resume):
                      "use `mpiexec -n K parnn train ...` for K ranks)")
     cpus = usable_cores()
     if opts.threads and opts.threads > cpus:
-        notes.append(f"warning: --threads {opts.threads} is more than the {cpus} core(s) this "
-                     f"process may use: using {cpus}")
+        notes.append(f"parnn: warning: --threads {opts.threads} is more than the {cpus} "
+                     f"core(s) this process may use: using {cpus}")
     # cfg's default "all cores" is per process: unless told, the ranks of a node share them.
     cfg = replace(cfg, threads=min(opts.threads, cpus) if opts.threads else max(1, cpus // local))
     if local * cfg.threads > cpus:
-        notes.append(f"warning: {local} ranks x {cfg.threads} threads = {local * cfg.threads} "
-                     f"exceeds the {cpus} cores of this machine; they will slow each other down")
+        notes.append(f"parnn: warning: {local} ranks x {cfg.threads} threads = "
+                     f"{local * cfg.threads} exceeds the {cpus} cores of this machine; they will "
+                     "slow each other down")
     if cfg.early_stopping:   # the ranks meet after every epoch: none may stop before the others
         raise ConfigError("--early-stopping does not work with --distributed: every rank trains "
                           "the run's epochs")
@@ -386,7 +387,7 @@ def _setup(opts, cfg, comm, local, held, resume):
             engine = AverageEngine(comm, opts.average_every or AVERAGE_EVERY, **options)
         else:
             if bs < size:
-                notes.append(f"warning: batch size {bs} < {size} ranks: some ranks get no "
+                notes.append(f"parnn: warning: batch size {bs} < {size} ranks: some ranks get no "
                              "samples and only add communication")
             engine = AllreduceEngine(comm, overlap=opts.overlap, **options)
         engine.check(spec, cfg.optimizer, bs)

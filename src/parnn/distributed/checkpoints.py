@@ -203,7 +203,7 @@ def resumed(opts, settings, comm, log):
             return read(p, read_bytes["data"])
 
         try:
-            saved = checkpoint.load(opts.resume, warn=lambda m: log(f"warning: {m}"),
+            saved = checkpoint.load(opts.resume, warn=lambda m: log(f"parnn: warning: {m}"),
                                     reader=reader)
             path, data = saved.path, read_bytes["data"]
             shares = _shares(saved, opts, settings, size)         # the checks, once
@@ -230,7 +230,7 @@ def shown_config(opts, settings, log):
     """(the config `mpiexec -n K parnn train --distributed MODE --resume DIR` would train with,
     checked as that job checks it, on the checkpoint's own number of ranks; each member's
     config, for an ensemble, else None): what --show-config prints, without MPI."""
-    saved = load(opts.resume, warn=lambda m: log(f"warning: {m}"))
+    saved = load(opts.resume, warn=lambda m: log(f"parnn: warning: {m}"))
     shares = _shares(saved, opts, settings, None)
     members = [share.config for _, _, share in shares] if shares[0][2].config else None
     return shares[0][0], members
