@@ -239,10 +239,18 @@ def test_metadata_missing_or_not_json_or_not_object(tmp_path):
 
 @pytest.mark.parametrize("fmt,words", [(io.FORMAT + 1, ["newer", f"format {io.FORMAT + 1}"]),
                                        (0, ["unknown file format"]),
-                                       ("1", ["unknown file format"]), (None, ["unknown"])])
+                                       ("1", ["unknown file format"]),
+                                       (None, ["names no file format"])])
 def test_wrong_format_version(tmp_path, fmt, words):
     net = small_net()
     assert_bad(write_raw(tmp_path / "m", {"params": net.params}, header(net, format=fmt)), *words)
+
+
+def test_a_header_whose_format_key_was_damaged_says_it_names_no_format(tmp_path):
+    net = small_net()
+    damaged = header(net)
+    damaged["formbt"] = damaged.pop("format")       # one flipped bit in the key
+    assert_bad(write_raw(tmp_path / "m", {"params": net.params}, damaged), "names no file format")
 
 
 def test_invalid_spec(tmp_path):

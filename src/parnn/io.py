@@ -321,6 +321,9 @@ def _header(path, metadata, legacy):
     if not isinstance(header, dict):
         raise ModelFileError(f"{shown(path)}: the '{META_KEY}' metadata is not a JSON object")
     fmt = header.get("format")
+    if fmt is None:          # e.g. one flipped byte in the key: say what is missing
+        raise ModelFileError(f"{shown(path)}: its parnn header names no file format (a damaged "
+                             "or foreign file)")
     if type(fmt) is not int or fmt < 1:
         raise ModelFileError(f"{shown(path)}: unknown file format {fmt!r}")
     if fmt > FORMAT:
